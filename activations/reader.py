@@ -1,0 +1,193 @@
+"""Reading an activation cache: memory-mapped shards, checksums, shuffled batches and token contexts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from activations.cache import FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError
+from activations.shuffle import mixing_buffer
+
+CHUNK_ROWS = 8192
+
+
+class ActivationCache:
+    """A complete cache folder; see :mod:`activations.cache` for its layout."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path).expanduser()
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            raise CacheError(
+                f"{self.path} is not an activation cache (no {MANIFEST}); create one with `saewb cache --out {path}`"
+            )
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheError(
+                f"{self.path} has cache format {self.manifest.get('format_version')}; "
+                f"this version reads format {FORMAT_VERSION}"
+            )
+        if not self.manifest.get("complete"):
+            done, total = len(self.manifest["shards"]), self.manifest["n_shards"]
+            raise CacheError(
+                f"{self.path} is incomplete ({done}/{total} shards): rerun the same `saewb cache` command to finish it"
+            )
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._tokens: np.ndarray | None = None
+        self._row_index: np.ndarray | None = None
+
+    # -- what the cache holds ---------------------------------------------------------------
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def d_in(self) -> int:
+        """Width of the first hook (the one used when ``hook`` is not given)."""
+        return int(self.manifest["d_in"][self.hooks[0]])
+
+    @property
+    def n_tokens(self) -> int:
+        """Training rows: every non-BOS position of every context."""
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def has_grads(self) -> bool:
+        return bool(self.manifest["with_grads"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    def _hook(self, hook: str | None) -> str:
+        if hook is None:
+            return self.hooks[0]
+        if hook not in self.manifest["d_in"]:
+            raise CacheError(f"hook {hook!r} is not in this cache; it holds {self.hooks}")
+        return hook
+
+    # -- shard access -------------------------------------------------------------------------
+    def _open(self, info: dict, rows: int, width: int) -> np.ndarray:
+        path = self.path / info["path"]
+        if not path.exists():
+            raise CacheError(f"shard file {path} is missing; rerun the same `saewb cache` command to recompute it")
+        if self.verify and info["path"] not in self._verified:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+            if digest.hexdigest() != info["sha256"]:
+                raise CacheError(
+                    f"shard {path} is corrupted (sha256 mismatch); rerun the same `saewb cache` command to recompute it"
+                )
+            self._verified.add(info["path"])
+        storage = STORAGE_NUMPY[self.dtype]
+        expected = rows * width * np.dtype(storage).itemsize
+        if path.stat().st_size != expected:
+            raise CacheError(f"shard {path} has {path.stat().st_size} bytes, expected {expected}: it is corrupted")
+        return np.memmap(path, dtype=storage, mode="r", shape=(rows, width))
+
+    def _as_float(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.array(array))
+        if self.dtype == "bfloat16":
+            tensor = tensor.view(torch.bfloat16)
+        return tensor.float()
+
+    def shard_arrays(self, index: int, hook: str | None = None, kind: str = "acts") -> np.ndarray:
+        hook = self._hook(hook)
+        shard = self.manifest["shards"][index]
+        if kind not in shard["files"][hook]:
+            raise CacheError(f"{self.path} has no {kind}: cache with `saewb cache --with-grads` to store gradients")
+        return self._open(shard["files"][hook][kind], shard["rows"], self.manifest["d_in"][hook])
+
+    def rows(self, start: int, stop: int, hook: str | None = None, kind: str = "acts") -> torch.Tensor:
+        """Rows ``[start, stop)`` in cache order, as float32."""
+        out, offset = [], 0
+        for i, shard in enumerate(self.manifest["shards"]):
+            lo, hi = max(start, offset), min(stop, offset + shard["rows"])
+            if lo < hi:
+                out.append(self._as_float(self.shard_arrays(i, hook, kind)[lo - offset : hi - offset]))
+            offset += shard["rows"]
+        if not out:
+            return torch.empty(0, self.manifest["d_in"][self._hook(hook)])
+        return torch.cat(out)
+
+    def _chunks(self, hook: str, order: list[int], with_grads: bool) -> Iterator[torch.Tensor]:
+        for index in order:
+            acts = self.shard_arrays(index, hook, "acts")
+            grads = self.shard_arrays(index, hook, "grads") if with_grads else None
+            for lo in range(0, acts.shape[0], CHUNK_ROWS):
+                chunk = self._as_float(acts[lo : lo + CHUNK_ROWS])
+                if grads is not None:
+                    chunk = torch.cat([chunk, self._as_float(grads[lo : lo + CHUNK_ROWS])], dim=1)
+                yield chunk
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        hook: str | None = None,
+        buffer_rows: int = 262_144,
+        with_grads: bool | None = None,
+    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over every row: float32 ``[B, d]`` batches, or ``(acts, grads)`` when the cache has grads.
+
+        Shuffling permutes the shard order and mixes rows through a ``buffer_rows`` buffer, so memory
+        stays bounded whatever the cache size; the same seed gives the same batches.
+        """
+        hook = self._hook(hook)
+        want_grads = self.has_grads if with_grads is None else with_grads
+        if want_grads and not self.has_grads:
+            raise CacheError(f"{self.path} has no gradients: cache with `saewb cache --with-grads`")
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        order = list(range(len(self.manifest["shards"])))
+        if generator is not None:
+            order = torch.randperm(len(order), generator=generator).tolist()
+        width = self.manifest["d_in"][hook]
+        for batch in mixing_buffer(self._chunks(hook, order, want_grads), batch_size, buffer_rows, generator):
+            yield (batch[:, :width], batch[:, width:]) if want_grads else batch
+
+    # -- tokens and contexts -------------------------------------------------------------------
+    @property
+    def tokens(self) -> np.ndarray:
+        """``int32 [n_contexts, context]``, BOS included."""
+        if self._tokens is None:
+            self._tokens = np.load(self.path / "tokens.npy", mmap_mode="r")
+        return self._tokens
+
+    @property
+    def row_index(self) -> np.ndarray:
+        """``[n_tokens, 2]``: (context, position) of every row, in cache order."""
+        if self._row_index is None:
+            ctx, pos = np.nonzero(np.asarray(self.tokens) != self.manifest["bos_token_id"])
+            self._row_index = np.stack([ctx, pos], axis=1).astype(np.int64)
+        return self._row_index
+
+    def context_of(self, row: int) -> tuple[np.ndarray, int]:
+        """The token ids of the context holding ``row`` and the row's position in it."""
+        if not 0 <= row < self.n_tokens:
+            raise IndexError(f"row {row} is out of range for a cache of {self.n_tokens} rows")
+        ctx, pos = self.row_index[row]
+        return np.asarray(self.tokens[ctx]), int(pos)
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationCache({str(self.path)!r}, model={self.model!r}, hooks={self.hooks}, "
+            f"n_tokens={self.n_tokens}, d_in={self.d_in}, dtype={self.dtype}, grads={self.has_grads})"
+        )
+
+
+def load_cache(path: str | Path, verify: bool = True) -> ActivationCache:
+    """Open a complete cache folder written by ``saewb cache``."""
+    return ActivationCache(path, verify=verify)

@@ -1,0 +1,35 @@
+"""Where derived assets live, and how files are written so that a kill never leaves half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def cache_root() -> Path:
+    """Converted models and extracted corpora live here: ``$SAEWB_CACHE`` or ~/.cache/sae-workbench."""
+    env = os.environ.get("SAEWB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sae-workbench"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp name in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

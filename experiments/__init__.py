@@ -1,0 +1,1 @@
+"""Experiments: the saewb CLI, configs, W&B wiring, sweeps and analysis runs."""

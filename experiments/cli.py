@@ -1,0 +1,236 @@
+"""The ``saewb`` command line: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from experiments.arguments import add_dataclass_arguments, dataclass_from_args
+
+DEMO_HOOK = "blocks.6.hook_resid_post"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, printed as one line instead of a traceback."""
+    from activations import CacheError, CorpusError, HookError, ModelLoadError
+
+    errors: list[type[BaseException]] = [CacheError, CorpusError, HookError, ModelLoadError]
+    try:
+        from sae.errors import SAEError
+
+        errors.append(SAEError)
+    except ImportError:  # the sae package is optional for the activation stage
+        pass
+    return tuple(errors)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from activations import CacheConfig, build_cache
+
+    cfg = dataclass_from_args(CacheConfig, args)
+    build_cache(cfg, progress=not args.quiet)
+    return 0
+
+
+def _train_parser_options(parser: argparse.ArgumentParser) -> None:
+    """RunConfig fields, then every SAEConfig/TrainConfig field not already covered, as --flags."""
+    from experiments.training import RESERVED, RunConfig
+    from sae.config import SAEConfig, TrainConfig
+
+    add_dataclass_arguments(parser, RunConfig, skip=("options",))
+    advanced = parser.add_argument_group(
+        "SAE and trainer options (see ALGORITHMS.md; 'our choice' marks design choices)"
+    )
+    add_dataclass_arguments(advanced, SAEConfig, skip=tuple(RESERVED), defaults=_none_defaults(SAEConfig))
+    add_dataclass_arguments(
+        advanced,
+        TrainConfig,
+        skip=tuple(RESERVED) + ("progress", "checkpoint_every"),
+        defaults=_none_defaults(TrainConfig),
+    )
+
+
+def _none_defaults(cls) -> dict:
+    """Advanced options default to None on the command line so only the ones given override the config."""
+    import dataclasses
+
+    return {f.name: None for f in dataclasses.fields(cls)}
+
+
+def _collect_options(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from experiments.training import RESERVED
+    from sae.config import SAEConfig, TrainConfig
+
+    names = {f.name for cls in (SAEConfig, TrainConfig) for f in dataclasses.fields(cls)} - RESERVED
+    return {n: getattr(args, n) for n in sorted(names) if getattr(args, n, None) is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from experiments.training import RunConfig, load_run_config
+
+    if args.config:
+        cfg = load_run_config(args.config)
+    else:
+        cfg = dataclass_from_args(RunConfig, args, options=_collect_options(args))
+    return train_with_logging(cfg)
+
+
+def train_with_logging(cfg) -> int:
+    import dataclasses
+    import json
+
+    from experiments.training import train_run
+
+    if cfg.wandb:
+        from experiments.wandb_logging import WandbRun, make_log_fn
+
+        with WandbRun(project=cfg.wandb_project, name=Path(cfg.out).name, config=dataclasses.asdict(cfg)) as run:
+            _, metrics = train_run(cfg, log_fn=make_log_fn(run))
+            run.summary(metrics)
+    else:
+        _, metrics = train_run(cfg)
+    print(json.dumps(_headline(metrics)))
+    return 0
+
+
+def _headline(metrics: dict) -> dict:
+    keys = ("l0", "fvu", "explained_variance", "dead_frac", "dense_frac", "train_tokens", "train_tokens_per_s")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from experiments.evaluation import evaluate_sae
+
+    result = evaluate_sae(
+        sae_dir=args.sae,
+        activations_dir=args.activations,
+        model_name=args.model,
+        dataset=args.dataset,
+        tokens=args.tokens,
+        max_rows=args.max_rows,
+        hook=args.hook,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>22}: {value:.6g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: cache activations of SmolLM2 on the offline corpus."""
+    from activations import CacheConfig, build_cache
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    print(
+        f"[saewb demo] 1/1 caching {args.tokens:,} tokens of smollm2-135m at {DEMO_HOOK} into {out / 'cache'}",
+        file=sys.stderr,
+    )
+    manifest = build_cache(
+        CacheConfig(model="smollm2-135m", hooks=[DEMO_HOOK], out=str(out / "cache"), tokens=args.tokens),
+        progress=True,
+    )
+    run = manifest.get("last_run", {})
+    print(
+        f"[saewb demo] done in {time.perf_counter() - started:.0f}s: cache {out / 'cache'} "
+        f"({manifest['n_tokens']:,} rows, d_in {manifest['d_in'][DEMO_HOOK]}, "
+        f"{run.get('tokens_per_s', 0):,.0f} tokens/s this run)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from activations import CacheConfig
+
+    parser = argparse.ArgumentParser(
+        prog="saewb",
+        description="sae-workbench: cache transformer activations, train sparse autoencoders, inspect features. "
+        "Everything runs offline on the embedded SmolLM2-135M model and corpus by default.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cache = sub.add_parser(
+        "cache",
+        help="run a model over a corpus and write a sharded, resumable activation cache",
+        description="Run a transformer_lens model over a corpus and write memory-mappable activation shards, "
+        "token ids and a manifest. Rerunning the same command resumes after the last complete shard; a "
+        "complete cache is not recomputed; a folder holding a different cache is refused.",
+    )
+    add_dataclass_arguments(cache, CacheConfig, required=("out",))
+    cache.add_argument("--hook", dest="hooks", action="append", help="alias of --hooks")
+    cache.add_argument("--dataset", dest="corpus", help="alias of --corpus")
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.set_defaults(func=cmd_cache)
+
+    train = sub.add_parser(
+        "train",
+        help="train one SAE on an activation cache",
+        description="Train a TopK / Mutual-Choice / Feature-Choice / g-SAE on a cache written by `saewb cache`. "
+        "The run folder (--out) gets the SAE (loadable by sae.load and SAELens), run_config.json, "
+        "train_log.jsonl, eval.json and resumable checkpoints: rerunning the same command resumes. "
+        "W&B logging is on by default and goes offline by itself when no API key is configured.",
+    )
+    train.add_argument("--config", help="a YAML RunConfig (experiments/configs/*.yaml); other flags are ignored")
+    _train_parser_options(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="metrics of a trained SAE: L0, FVU, dead/dense fractions, and CE/KL with the model in the loop",
+        description="Evaluate an SAE folder on an activation cache (FVU against the dataset mean, L0, dead and "
+        "dense fractions over the evaluated rows). With --model, also splice the SAE into the model at its hook "
+        "and report CE clean / spliced / zero-ablated, CE recovered and KL, on the cache's own contexts or on "
+        "--dataset.",
+    )
+    evaluate.add_argument("--sae", required=True, help="SAE folder (ours or SAELens')")
+    evaluate.add_argument("--activations", required=True, help="activation cache folder")
+    evaluate.add_argument("--hook", help="hook of a multi-hook cache (default: the SAE's hook_name, else the first)")
+    evaluate.add_argument("--max-rows", type=int, default=262_144, help="rows evaluated (default: 262144)")
+    evaluate.add_argument("--model", help="model name for CE/KL (e.g. smollm2-135m); omit to skip them")
+    evaluate.add_argument("--dataset", help="corpus for CE/KL (default: the cache's own token contexts)")
+    evaluate.add_argument("--tokens", type=int, default=8192, help="tokens for CE/KL (default: 8192)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default model and corpus",
+        description="Cache activations of SmolLM2-135M (offline) at " + DEMO_HOOK + " on the default corpus "
+        "and report where they are and how fast it went. Rerunning reuses the complete cache.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (default: runs/demo)")
+    demo.add_argument("--tokens", type=int, default=200_000, help="tokens to cache (default: 200000)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def run_user_command(command: str, func) -> int:
+    """Run a command; the user's mistakes become one line on stderr and exit code 2, never a traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return func()
+    except KeyboardInterrupt:
+        print("saewb: interrupted; rerun the same command to resume from the last complete step", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        print(f"saewb {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_user_command(args.command, lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""One training run from a config: train an SAE on a cache, save it, log it, evaluate it.
+
+A run folder holds::
+
+    cfg.json, sae_weights.safetensors, ...   the trained SAE (sae.load(folder) reads it; SAELens too)
+    run_config.json                          the RunConfig used
+    train_log.jsonl                          one JSON line per logged step (loss, L0, FVU, dead fraction...)
+    eval.json                                final metrics on the eval cache (or the training cache, flagged)
+    checkpoints/step_*/                      resumable checkpoints
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sae as sae_lib
+from activations.storage import atomic_write_json
+from sae.config import SAEConfig, TrainConfig
+
+# Options of SAEConfig/TrainConfig that RunConfig sets itself or that make no sense from a run config.
+RESERVED = {"arch", "d_in", "n_features", "k", "batch_size", "total_tokens", "lr", "seed", "checkpoint_dir"}
+
+
+@dataclass
+class RunConfig:
+    """A training run. The string under each field is its ``saewb train --help`` text."""
+
+    activations: str = ""
+    "Activation cache folder written by `saewb cache`."
+    arch: str = "topk"
+    "Architecture: topk, mutual_choice, feature_choice or gradient_topk (g-SAE; needs a --with-grads cache)."
+    n_features: int = 4608
+    "Number of latents F (ALGORITHMS recommends 16*d_in; the demo uses 8*d_in)."
+    k: int = 32
+    "Active latents per token (TopK, g-SAE), mean per token (Mutual-Choice), k*B/F per feature (Feature-Choice)."
+    out: str = ""
+    "Run folder: the SAE, run_config.json, train_log.jsonl, eval.json and checkpoints/."
+    hook: str | None = None
+    "Which hook of a multi-hook cache to train on (default: its first)."
+    total_tokens: int | None = None
+    "Training tokens (default: one pass over the cache)."
+    batch_size: int = 4096
+    "Tokens per step."
+    lr: float | None = None
+    "Adam learning rate (default: 2e-4/sqrt(F/2^14))."
+    seed: int = 0
+    "Seed for the initial weights and the data order."
+    eval_activations: str | None = None
+    "Held-out cache for the final metrics (default: the training cache, flagged as in-sample)."
+    eval_tokens: int = 65_536
+    "Rows of the eval cache used for the final metrics."
+    checkpoint_every: int | None = None
+    "Write a resumable checkpoint every N steps (always at the end)."
+    wandb: bool = True
+    "Log to Weights & Biases (offline automatically when no API key is configured)."
+    wandb_project: str = "sae-workbench"
+    "W&B project name."
+    progress: bool = True
+    "Show progress bars."
+    options: dict[str, Any] = field(default_factory=dict)
+    "Any other SAEConfig/TrainConfig field, e.g. {aux_loss: aux_zipf, fc_capacity: zipf, grad_beta: 0.3}."
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.options) & RESERVED)
+        if bad:
+            raise sae_lib.SAEConfigError(f"options {bad} are set by their own fields, not inside options")
+        known = {f.name for f in dataclasses.fields(SAEConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            raise sae_lib.SAEConfigError(f"unknown option(s) {unknown}; allowed: {sorted(known - RESERVED)}")
+        if not self.activations:
+            raise sae_lib.SAEConfigError("give --activations: a cache folder written by `saewb cache`")
+        if not self.out:
+            raise sae_lib.SAEConfigError("give --out: the folder for the trained SAE")
+
+
+def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
+    """A RunConfig from a YAML (or JSON) file; unknown keys are an error that lists the allowed ones."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise sae_lib.SAEConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise sae_lib.SAEConfigError(f"config file {path} must hold a mapping of RunConfig fields")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return run_config_from_dict(data, source=str(path))
+
+
+def run_config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Top-level keys are RunConfig fields; any SAEConfig/TrainConfig field may also sit at the top level."""
+    own = {f.name for f in dataclasses.fields(RunConfig)}
+    options = dict(data.pop("options", None) or {})
+    for key in list(data):
+        if key not in own:
+            options[key] = data.pop(key)
+    return RunConfig(**data, options=options)
+
+
+class TrainLog:
+    """Appends logged steps to train_log.jsonl (the dashboard plots dead fraction over training from it)."""
+
+    def __init__(self, path: Path, forward=None):
+        self.path, self.forward = path, forward
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        row = {
+            "step": step,
+            **{
+                k: (v if isinstance(v, float) and math.isfinite(v) else None) if isinstance(v, float) else v
+                for k, v in metrics.items()
+            },
+        }
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.forward is not None:
+            self.forward(step, metrics)
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """On resume, drop log lines past the checkpoint we restart from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _latest_checkpoint_step(folder: Path) -> int:
+    steps = [int(p.name.split("_")[1]) for p in folder.glob("step_*") if p.is_dir()]
+    return max(steps, default=0)
+
+
+def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
+    """Metrics on the eval cache (first ``eval_tokens`` rows), in the original activation space."""
+    import activations
+
+    source = cfg.eval_activations or cfg.activations
+    cache = activations.load_cache(source)
+    n = min(cfg.eval_tokens, cache.n_tokens)
+    x = cache.rows(0, n, hook=cfg.hook)
+    grads = cache.rows(0, n, hook=cfg.hook, kind="grads") if cache.has_grads and model.needs_grads else None
+    batches = [x[i : i + 4096] if grads is None else (x[i : i + 4096], grads[i : i + 4096]) for i in range(0, n, 4096)]
+    metrics = sae_lib.evaluate(model, batches)
+    metrics.update({"eval_source": source, "eval_rows": n, "in_sample": cfg.eval_activations is None})
+    if model.cfg.arch in ("mutual_choice", "feature_choice"):
+        batch_mode = sae_lib.evaluate(model, batches, mode="batch")
+        metrics["batch_mode"] = {k: batch_mode[k] for k in ("l0", "fvu") if k in batch_mode}
+    return metrics
+
+
+def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]:
+    """Train, save and evaluate one SAE; returns it and its eval metrics (also written to eval.json)."""
+    import activations
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = activations.load_cache(cfg.activations)
+    if cfg.hook is not None and cfg.hook not in cache.hooks:
+        raise sae_lib.SAEConfigError(f"hook {cfg.hook!r} is not in {cfg.activations}; it holds {cache.hooks}")
+    atomic_write_json(out / "run_config.json", dataclasses.asdict(cfg))
+    checkpoints = out / "checkpoints"
+    _trim_log(out / "train_log.jsonl", _latest_checkpoint_step(checkpoints))
+    log = TrainLog(out / "train_log.jsonl", log_fn)
+    hook = cfg.hook or cache.hooks[0]
+    stream = _HookView(cache, hook) if hook != cache.hooks[0] else cache
+    started = time.perf_counter()
+    model = sae_lib.train(
+        stream,
+        arch=cfg.arch,
+        n_features=cfg.n_features,
+        k=cfg.k,
+        batch_size=cfg.batch_size,
+        total_tokens=cfg.total_tokens,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        log_fn=log,
+        metadata={
+            "model_name": cache.model,
+            "hook_name": hook,
+            "context_size": cache.manifest["context"],
+            "dataset_path": cache.manifest["corpus"],
+        },
+        checkpoint_dir=str(checkpoints),
+        checkpoint_every=cfg.checkpoint_every,
+        progress=cfg.progress,
+        **cfg.options,
+    )
+    seconds = time.perf_counter() - started
+    model.save(out)
+    metrics = evaluate_run(model, cfg)
+    metrics["train_seconds"] = round(seconds, 2)
+    metrics["train_tokens"] = model.training_info["tokens"]
+    metrics["train_tokens_per_s"] = round(model.training_info["tokens"] / max(seconds, 1e-9), 1)
+    atomic_write_json(out / "eval.json", _json_safe(metrics))
+    if cfg.progress:
+        print(
+            f"[saewb train] {cfg.arch}: L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.4f}, dead "
+            f"{metrics['dead_frac']:.3f} ({'in-sample' if metrics['in_sample'] else 'held-out'}); "
+            f"saved to {out}",
+            file=sys.stderr,
+        )
+    return model, metrics
+
+
+class _HookView:
+    """A cache seen through one of its hooks, for sae.train (which reads a cache's first hook)."""
+
+    def __init__(self, cache, hook: str):
+        self.cache, self.hook = cache, hook
+        self.d_in = int(cache.manifest["d_in"][hook])
+        self.n_tokens, self.has_grads, self.model = cache.n_tokens, cache.has_grads, cache.model
+        self.hooks = [hook]
+
+    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, hook: str | None = None):
+        return self.cache.iter_batches(batch_size, shuffle=shuffle, seed=seed, hook=self.hook)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj

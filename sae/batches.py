@@ -1,0 +1,202 @@
+"""Resumable streams of equal-size training batches from a tensor, an iterable, or a cache.
+
+Every stream yields (acts [B, d], grads [B, d] | None) by global batch index, so a resumed run
+skips exactly the batches it already consumed and sees the same data order (ALGORITHMS: exact
+resume). `rechunk` is a pure generator: incoming batches of any size -> batches of exactly B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, count, islice
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae.errors import SAEConfigError, SAEDataError
+
+Batch = tuple[Tensor, Tensor | None]
+
+
+def split_item(item: Any) -> Batch:
+    """A yielded item -> (acts, grads | None): a tensor, or an (acts, grads) pair."""
+    if isinstance(item, Tensor):
+        return item, None
+    if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, Tensor) for t in item):
+        return item[0], item[1]
+    raise SAEDataError(
+        f"each batch must be a tensor [B, d] or an (acts, grads) pair of tensors, got {type(item).__name__}."
+    )
+
+
+def rechunk(items: Iterable[Any], batch_size: int) -> Iterator[Batch]:
+    """Concatenate/split batches into exactly `batch_size` rows; a final partial batch is dropped."""
+    xs: list[Tensor] = []
+    gs: list[Tensor] = []
+    held = 0
+    with_grads: bool | None = None
+    for item in items:
+        x, g = split_item(item)
+        if x.dim() != 2:
+            raise SAEDataError(f"activation batches must be 2-D [B, d], got shape {tuple(x.shape)}.")
+        if xs and x.shape[1] != xs[0].shape[1]:
+            raise SAEDataError(f"a batch has width {x.shape[1]} after batches of width {xs[0].shape[1]}.")
+        if g is not None and g.shape != x.shape:
+            raise SAEDataError(f"gradients have shape {tuple(g.shape)} but activations {tuple(x.shape)}.")
+        if with_grads is None:
+            with_grads = g is not None
+        elif with_grads != (g is not None):
+            raise SAEDataError("some batches carry gradients and some do not; use one kind throughout.")
+        xs.append(x)
+        if g is not None:
+            gs.append(g)
+        held += x.shape[0]
+        while held >= batch_size:
+            x_all = torch.cat(xs) if len(xs) > 1 else xs[0]
+            g_all = (torch.cat(gs) if len(gs) > 1 else gs[0]) if gs else None
+            yield x_all[:batch_size], None if g_all is None else g_all[:batch_size]
+            xs = [x_all[batch_size:]]
+            gs = [] if g_all is None else [g_all[batch_size:]]
+            held -= batch_size
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Distinct shuffling seed per (run seed, pass) pair."""
+    return seed * 1_000_003 + epoch
+
+
+class BatchStream:
+    """Batches by global index; `reiterable` streams can be reopened, one-shot ones only skipped."""
+
+    d_in: int
+    has_grads: bool
+    tokens_per_pass: int | None
+    reiterable: bool = True
+
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def peek(self, n: int) -> list[Batch]:
+        """The first n batches, without consuming them from a later `batches(0)`."""
+        return list(islice(self.batches(0), n))
+
+
+class TensorStream(BatchStream):
+    """Shuffled (seeded, reshuffled each pass) batches of an in-memory tensor."""
+
+    def __init__(self, acts: Tensor, grads: Tensor | None, batch_size: int, shuffle: bool, seed: int) -> None:
+        if acts.dim() != 2:
+            raise SAEDataError(f"activations must be a 2-D tensor [N, d], got shape {tuple(acts.shape)}.")
+        if grads is not None and grads.shape != acts.shape:
+            raise SAEDataError(f"grads must have the activations' shape {tuple(acts.shape)}, got {tuple(grads.shape)}.")
+        if acts.shape[0] < batch_size:
+            raise SAEConfigError(f"batch_size={batch_size} is larger than the {acts.shape[0]} activation rows given.")
+        self.acts, self.grads = acts, grads
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.d_in, self.has_grads = acts.shape[1], grads is not None
+        self.per_pass = acts.shape[0] // batch_size
+        self.tokens_per_pass = self.per_pass * batch_size
+
+    def _order(self, epoch: int) -> Tensor:
+        n = self.acts.shape[0]
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        epoch, order = -1, torch.empty(0, dtype=torch.int64)
+        for index in count(start):
+            e, i = divmod(index, self.per_pass)
+            if e != epoch:
+                epoch, order = e, self._order(e)
+            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.acts[rows], None if self.grads is None else self.grads[rows]
+
+
+class PassStream(BatchStream):
+    """Re-iterable source read pass after pass: a list of batches, or a cache's `iter_batches`."""
+
+    def __init__(
+        self,
+        make_pass: Callable[[int], Iterable[Any]],
+        batch_size: int,
+        tokens_per_pass: int | None,
+        shape: tuple[int, bool] | None = None,
+    ) -> None:
+        """`shape` = (d_in, has_grads) when known (a cache says so); otherwise read from the first batch."""
+        self.make_pass, self.batch_size, self.tokens_per_pass = make_pass, batch_size, tokens_per_pass
+        if shape is None:
+            first = next(iter(make_pass(0)), None)
+            if first is None:
+                raise SAEDataError("the activations iterable is empty.")
+            x, g = split_item(first)
+            shape = (x.shape[-1], g is not None)
+        self.d_in, self.has_grads = shape
+
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        index = 0
+        for epoch in count():
+            produced = 0
+            for batch in rechunk(self.make_pass(epoch), self.batch_size):
+                produced += 1
+                if index >= start:
+                    yield batch
+                index += 1
+            if produced == 0:
+                raise SAEDataError(f"one pass over the data holds fewer rows than batch_size={self.batch_size}.")
+
+
+class OneShotStream(BatchStream):
+    """A plain iterator (e.g. a generator): read once; peeked batches are replayed from memory."""
+
+    reiterable = False
+
+    def __init__(self, iterator: Iterator[Any], batch_size: int) -> None:
+        self._rest = rechunk(iterator, batch_size)
+        self._buffer: list[Batch] = []
+        self._opened = False
+        self.tokens_per_pass = None
+        first = self.peek(1)
+        if not first:
+            raise SAEDataError(f"the activations iterator yields fewer rows than batch_size={batch_size}.")
+        self.d_in, self.has_grads = first[0][0].shape[1], first[0][1] is not None
+
+    def peek(self, n: int) -> list[Batch]:
+        self._buffer.extend(islice(self._rest, max(0, n - len(self._buffer))))
+        return self._buffer[:n]
+
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        if self._opened:
+            raise SAEConfigError("a one-shot iterator can be read only once; pass a list, tensor or cache to reuse it.")
+        self._opened = True
+        replay, self._buffer = self._buffer, []  # what peek() consumed comes first
+        yield from islice(chain(replay, self._rest), start, None)
+
+
+def make_stream(activations: Any, grads: Tensor | None, batch_size: int, shuffle: bool, seed: int) -> BatchStream:
+    """Wrap what the user passed (tensor, iterable, or cache object) as a resumable stream."""
+    if isinstance(activations, Tensor):
+        return TensorStream(activations, grads, batch_size, shuffle, seed)
+    if grads is not None:
+        raise SAEConfigError("grads= goes with an activations tensor; iterables yield (acts, grads) pairs instead.")
+    if hasattr(activations, "iter_batches") and hasattr(activations, "d_in"):
+        cache = activations
+
+        def read_pass(epoch: int) -> Iterable[Any]:
+            return cache.iter_batches(batch_size, shuffle=shuffle, seed=epoch_seed(seed, epoch))
+
+        tokens = (int(cache.n_tokens) // batch_size) * batch_size
+        return PassStream(read_pass, batch_size, tokens, shape=(int(cache.d_in), bool(cache.has_grads)))
+    if isinstance(activations, Iterator):
+        return OneShotStream(activations, batch_size)
+    if isinstance(activations, Iterable):
+        tokens = None
+        if hasattr(activations, "__len__"):
+            rows = sum(split_item(item)[0].shape[0] for item in activations)
+            tokens = (rows // batch_size) * batch_size
+        return PassStream(lambda epoch: activations, batch_size, tokens)
+    raise SAEConfigError(
+        f"activations must be a tensor [N, d], an iterable of batches, or a cache directory path; "
+        f"got {type(activations).__name__}."
+    )

@@ -1,0 +1,104 @@
+"""Atomic training checkpoints (no pickles), so a run can stop anywhere and resume exactly.
+
+Layout of <checkpoint_dir>/step_<9-digit step>/:
+  cfg.json, sae_weights.safetensors, workbench_state.safetensors  - the SAE (sae/saelens_format.py)
+  trainer_state.safetensors  - Adam moments/steps ("adam.<param>.<field>") and latent counters
+                               ("tracker.<name>")
+  trainer_state.json         - step, tokens seen, configs, format_version
+Each checkpoint is written into a hidden temporary folder and renamed into place, so a crash never
+leaves a half-written step_* folder, and older checkpoints are deleted only after that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.base import SAE
+from sae.errors import SAEConfigError
+from sae.feature_tracking import FeatureTracker
+from sae.saelens_format import load_sae, save_sae
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class Checkpointer:
+    """Writes, lists, prunes and reads checkpoints in one directory."""
+
+    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(
+        self, step: int, sae: SAE, optimizer: torch.optim.Optimizer, tracker: FeatureTracker, state: dict[str, Any]
+    ) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"step_{step:09d}"
+        if final.exists():
+            raise SAEConfigError(f"checkpoint {final} already exists; refusing to overwrite it.")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:09d}-", dir=self.directory))
+        try:
+            save_sae(sae, tmp)
+            tensors = {f"adam.{k}": v for k, v in optimizer_tensors(sae, optimizer).items()}
+            tensors.update({f"tracker.{k}": v.contiguous() for k, v in tracker.state_tensors().items()})
+            save_file(tensors, str(tmp / STATE_TENSORS))
+            with open(tmp / STATE_JSON, "w") as f:
+                json.dump(state, f, indent=2)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.checkpoints()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def read_checkpoint(path: Path) -> tuple[SAE, dict[str, torch.Tensor], dict[str, Any]]:
+    """(SAE, trainer tensors, trainer JSON state) from one checkpoint folder."""
+    with open(path / STATE_JSON) as f:
+        state = json.load(f)
+    return load_sae(path), load_file(str(path / STATE_TENSORS)), state
+
+
+def optimizer_tensors(sae: SAE, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state keyed '<param name>.<field>' (optimizer built on named_parameters order)."""
+    names = [name for name, _ in sae.named_parameters()]
+    out: dict[str, torch.Tensor] = {}
+    for index, fields in optimizer.state_dict()["state"].items():
+        for field, value in fields.items():
+            out[f"{names[index]}.{field}"] = torch.as_tensor(value).contiguous()
+    return out
+
+
+def restore_optimizer(sae: SAE, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of `optimizer_tensors` for the `adam.*` entries of a checkpoint."""
+    index = {name: i for i, (name, _) in enumerate(sae.named_parameters())}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            name, field = key.removeprefix("adam.").rsplit(".", 1)
+            state.setdefault(index[name], {})[field] = value
+    full = optimizer.state_dict()
+    full["state"] = state
+    optimizer.load_state_dict(full)

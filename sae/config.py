@@ -1,0 +1,229 @@
+"""Typed configs for an SAE and its training run: one source of truth for defaults.
+
+The string under each field is its help text; `field_help(SAEConfig)` returns them for a CLI.
+Items marked "our choice" are design decisions from ALGORITHMS.md's UNCONFIRMED list.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+from sae.errors import SAEConfigError
+
+FORMAT_VERSION = 1
+"""Version of the workbench keys written into cfg.json and checkpoints; bump on layout changes."""
+
+NORMALIZATIONS = ("scalar", "per_token_standardize", "none")
+FC_CAPACITIES = ("uniform", "zipf")
+AUX_LOSSES = ("auxk", "aux_zipf", "none")
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild an SAE and run its selection rule (saved in cfg.json)."""
+
+    arch: str
+    "Architecture name from sae.registry: topk, mutual_choice, feature_choice, gradient_topk."
+    d_in: int
+    "Width of the activation vectors."
+    n_features: int
+    "Number of latents F."
+    k: int | None = None
+    "Active latents per token (TopK, g-SAE), mean per token (Mutual-Choice), or k*B/F per feature (FC)."
+    normalization: str = "scalar"
+    "Input normalisation stored with the SAE: scalar (c = sqrt(d)/E||x||), per_token_standardize, none."
+    apply_b_dec_to_input: bool = True
+    "Subtract b_dec (b_pre) before encoding, as in Gao et al.; False only for SAELens SAEs saved that way."
+    inference_k: int | None = None
+    "TopK/g-SAE: latents kept per token at inference (Makhzani & Frey's alpha*k); None means k."
+    threshold_beta: float = 0.999
+    "MC/FC: EMA factor of the inference threshold(s), theta <- beta*theta + (1-beta)*min selected."
+    threshold_start_step: int = 1000
+    "MC/FC: first step that updates the threshold; clipped to 10% of the run's steps (our choice)."
+    fc_capacity: str = "uniform"
+    "Feature-Choice capacities: uniform (m = k*B/F) or zipf (m_i ~ (rank_i + r0)^-s); uniform is our choice."
+    fc_zipf_s: float = 1.0
+    "FC zipf capacities: exponent s (our default; fit it to a trained TopK/MC density curve)."
+    fc_zipf_r0: float = 0.0
+    "FC zipf capacities: rank offset r0 added to the 1-based density rank (our default)."
+    density_ema_beta: float = 0.99
+    "EMA factor of per-latent firing rates, used for FC zipf ranks and aux_zipf (our choice)."
+    grad_beta: float = 1.0
+    "g-SAE: weight beta of the gradient term in s = z + beta * z * |h| (our default)."
+    grad_rms_normalize: bool = True
+    "g-SAE: divide h = W_dec g by its per-token RMS so beta is scale-free (our choice)."
+
+    def __post_init__(self) -> None:
+        _require_positive_int("d_in", self.d_in)
+        _require_positive_int("n_features", self.n_features)
+        if self.k is not None:
+            _require_positive_int("k", self.k)
+            if self.k >= self.n_features:
+                raise SAEConfigError(
+                    f"k={self.k} must be smaller than n_features={self.n_features} "
+                    "(a sparse code keeps fewer latents than it has)."
+                )
+        if self.inference_k is not None:
+            _require_positive_int("inference_k", self.inference_k)
+            if self.inference_k > self.n_features:
+                raise SAEConfigError(
+                    f"inference_k={self.inference_k} must be at most n_features={self.n_features}."
+                )
+        _require_choice("normalization", self.normalization, NORMALIZATIONS)
+        _require_choice("fc_capacity", self.fc_capacity, FC_CAPACITIES)
+        _require_fraction("threshold_beta", self.threshold_beta)
+        _require_fraction("density_ema_beta", self.density_ema_beta)
+        if self.threshold_start_step < 0:
+            raise SAEConfigError(f"threshold_start_step must be >= 0, got {self.threshold_start_step}.")
+        if self.fc_zipf_s <= 0:
+            raise SAEConfigError(f"fc_zipf_s must be > 0, got {self.fc_zipf_s}.")
+        if self.fc_zipf_r0 < 0:
+            raise SAEConfigError(f"fc_zipf_r0 must be >= 0, got {self.fc_zipf_r0}.")
+        if self.grad_beta < 0:
+            raise SAEConfigError(f"grad_beta must be >= 0, got {self.grad_beta}.")
+
+
+@dataclass
+class TrainConfig:
+    """How one training run goes: optimiser, schedule, aux loss, dead tracking, checkpoints."""
+
+    batch_size: int = 4096
+    "Tokens per step B."
+    total_tokens: int | None = None
+    "Tokens to train on; None means one pass over the data."
+    lr: float | None = None
+    "Adam learning rate; None means 2e-4 / sqrt(F / 2^14) (dictionary_learning's scaling)."
+    adam_beta1: float = 0.9
+    "Adam beta1 (OpenAI config)."
+    adam_beta2: float = 0.999
+    "Adam beta2 (OpenAI config)."
+    adam_eps: float = 6.25e-10
+    "Adam epsilon (OpenAI config)."
+    warmup_steps: int = 1000
+    "Linear LR warmup steps; clipped to warmup_max_fraction of the run."
+    warmup_max_fraction: float = 0.1
+    "Upper bound on warmup as a fraction of total steps (our choice)."
+    decay_fraction: float = 0.2
+    "Linear decay of the LR to 0 over this final fraction of steps (our choice)."
+    grad_clip: float = 1.0
+    "Clip the global gradient norm to this value (dictionary_learning); 0 disables."
+    seed: int = 0
+    "Seed for the initial weights and the data order."
+    shuffle: bool = True
+    "Shuffle tensors and caches each pass (seeded); plain iterables keep their own order."
+    aux_loss: str | None = None
+    "auxk, aux_zipf or none; None means the architecture's default (AuxK, or none for FC)."
+    aux_coef: float = 1 / 32
+    "Coefficient alpha of the auxiliary loss (Gao et al.)."
+    k_aux: int | None = None
+    "Latents used by the aux loss; None means d_in // 2 (Gao App. B.1); clamped to the candidates."
+    aux_zipf_head_fraction: float = 0.8
+    "aux_zipf: fit the Zipf law on density ranks <= this fraction of F (our choice)."
+    aux_zipf_r0: float = 0.0
+    "aux_zipf: rank offset r0 in log p = c - s*log(r + r0), 1-based ranks (our choice)."
+    dead_tokens: int | None = None
+    "A latent is dead after this many tokens without firing; None means min(10M, 20% of the run)."
+    fire_threshold: float = 0.0
+    "A latent fires on a token when z > this (OpenAI uses 1e-3)."
+    norm_estimation_batches: int = 1000
+    "Batches used to estimate the scalar normalisation c (capped at the run's steps)."
+    geometric_median_rows: int = 32768
+    "Rows used for the geometric-median initialisation of b_pre."
+    checkpoint_dir: str | None = None
+    "Directory for checkpoints; None disables checkpointing."
+    checkpoint_every: int | None = None
+    "Write a checkpoint every N steps (and always at the end) when checkpoint_dir is set."
+    keep_checkpoints: int = 2
+    "How many of the newest checkpoints to keep."
+    resume: bool = True
+    "Resume from the newest checkpoint in checkpoint_dir when one exists."
+    log_every: int = 100
+    "Call log_fn every N steps (and at the last step)."
+    progress: bool = True
+    "Show a tqdm progress bar (loss, L0, FVU, dead fraction, tokens/s)."
+
+    def __post_init__(self) -> None:
+        _require_positive_int("batch_size", self.batch_size)
+        if self.total_tokens is not None:
+            _require_positive_int("total_tokens", self.total_tokens)
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise SAEConfigError(f"lr must be a positive number, got {self.lr!r}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require_fraction(name, getattr(self, name))
+        if self.adam_eps <= 0:
+            raise SAEConfigError(f"adam_eps must be > 0, got {self.adam_eps}.")
+        if self.warmup_steps < 0:
+            raise SAEConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        for name in ("warmup_max_fraction", "decay_fraction", "aux_zipf_head_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise SAEConfigError(f"{name} must be in [0, 1], got {value}.")
+        if self.grad_clip < 0:
+            raise SAEConfigError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}.")
+        if self.aux_loss is not None:
+            _require_choice("aux_loss", self.aux_loss, AUX_LOSSES)
+        if self.aux_coef < 0:
+            raise SAEConfigError(f"aux_coef must be >= 0, got {self.aux_coef}.")
+        for name in ("k_aux", "dead_tokens", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                _require_positive_int(name, getattr(self, name))
+        for name in ("norm_estimation_batches", "geometric_median_rows", "keep_checkpoints", "log_every"):
+            _require_positive_int(name, getattr(self, name))
+
+
+RUN_ONLY_KEYS = frozenset(
+    {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "progress"}
+)
+"""TrainConfig keys that do not change the trained weights, so resuming may change them."""
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Lines 'key: saved -> current' for every key whose value differs (resume safety check)."""
+    keys = sorted(set(saved) | set(current))
+    missing = object()
+    return [
+        f"{key}: {saved.get(key, missing)!r} -> {current.get(key, missing)!r}".replace(
+            repr(missing), "<absent>"
+        )
+        for key in keys
+        if saved.get(key, missing) != current.get(key, missing)
+    ]
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help text per dataclass field, for `--help`: the string under the field, or metadata["help"]."""
+    helps: dict[str, str] = {}
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError):  # no source available (e.g. a class built at run time)
+        body = []
+    for stmt, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            helps[stmt.target.id] = following.value.value
+    return {f.name: f.metadata.get("help", helps.get(f.name, "")) for f in dataclasses.fields(cls)}
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SAEConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _require_fraction(name: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise SAEConfigError(f"{name} must be in [0, 1), got {value}.")
+
+
+def _require_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SAEConfigError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}.")

@@ -1,0 +1,225 @@
+"""Save and load SAEs as SAELens 6.x folders: cfg.json + sae_weights.safetensors.
+
+Format facts read from SAELens (decoderesearch/SAELens, sae_lens/saes/sae.py `SAEConfig.to_dict`
+and `save_model`, sae_lens/saes/topk_sae.py, sae_lens/saes/jumprelu_sae.py,
+sae_lens/saes/batchtopk_sae.py, sae_lens/loading/pretrained_sae_loaders.py):
+- weights W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], and for
+  jumprelu threshold [d_sae]; inference is (x - b_dec) @ W_enc + b_enc -> TopK-then-ReLU
+  (topk) or ReLU(a) * (a > ReLU(threshold)) (jumprelu) -> @ W_dec + b_dec.
+- cfg keys below; `metadata.sae_lens_version` >= 6.0.0 selects SAELens' 6.x config parser.
+- BatchTopK is exported as jumprelu with its scalar threshold broadcast to every latent.
+
+Our export: TopK and g-SAE -> "topk"; Mutual-/Feature-Choice -> "jumprelu". The scalar
+normalisation c is folded into the biases: SAELens gets b_enc/c, b_dec/c, threshold/c, so it
+computes our reconstruction exactly (up to float rounding) with unit-norm W_dec rows and latents
+in original-space units (ours / c). Our own keys live under cfg.json["workbench"], and the
+unfolded small tensors in workbench_state.safetensors, so `load` restores the SAE bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.base import SAE
+from sae.config import FORMAT_VERSION, SAEConfig
+from sae.errors import SAEConfigError
+from sae.registry import get_architecture
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+WORKBENCH_TENSORS_FILENAME = "workbench_state.safetensors"
+
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""Written as metadata.sae_lens_version: the config layout we write, so SAELens parses it as 6.x."""
+
+SAELENS_CFG_FIELDS = (
+    "architecture",
+    "d_in",
+    "d_sae",
+    "dtype",
+    "device",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "reshape_activations",
+    "metadata",
+)
+"""Keys of SAELens 6.x SAEConfig.to_dict() common to every architecture (sae_lens/saes/sae.py)."""
+
+SAELENS_ARCH_CFG_FIELDS: dict[str, tuple[str, ...]] = {
+    "topk": ("k", "rescale_acts_by_decoder_norm"),  # TopKSAEConfig, sae_lens/saes/topk_sae.py
+    "jumprelu": (),  # JumpReLUSAEConfig adds no fields, sae_lens/saes/jumprelu_sae.py
+}
+
+SAELENS_WEIGHT_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "topk": {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",)},
+    "jumprelu": {
+        "W_enc": ("d_in", "d_sae"),
+        "W_dec": ("d_sae", "d_in"),
+        "b_enc": ("d_sae",),
+        "b_dec": ("d_in",),
+        "threshold": ("d_sae",),
+    },
+}
+"""Tensor names and shapes in sae_weights.safetensors per SAELens architecture."""
+
+SAELENS_NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+"""Values SAELens accepts for normalize_activations (SAEConfig.__post_init__)."""
+
+_EXPORT_NORMALIZATION = {"scalar": "none", "per_token_standardize": "layer_norm", "none": "none"}
+_VERSION_KEYS = ("sae_lens_version", "sae_lens_training_version")
+
+
+def save_sae(sae: SAE, path: str | Path) -> Path:
+    """Write `sae` into directory `path` (created if needed); returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous() for name, t in sae.state_dict().items()}
+    scalar = sae.cfg.normalization == "scalar"
+    c = state["norm_scale"]
+    weights = {
+        "W_enc": state["W_enc"],
+        "W_dec": state["W_dec"],
+        "b_enc": state["b_enc"] / c if scalar else state["b_enc"],
+        "b_dec": state["b_dec"] / c if scalar else state["b_dec"],
+    }
+    if sae.saelens_architecture == "jumprelu":
+        threshold = state["threshold"].expand(sae.cfg.n_features)
+        weights["threshold"] = (threshold / c if scalar else threshold).contiguous()
+    save_file(weights, str(path / WEIGHTS_FILENAME))
+    extras = {name: t for name, t in state.items() if name not in ("W_enc", "W_dec")}
+    save_file(extras, str(path / WORKBENCH_TENSORS_FILENAME))
+    with open(path / CFG_FILENAME, "w") as f:
+        json.dump(saelens_cfg(sae), f, indent=2)
+    return path
+
+
+def saelens_cfg(sae: SAE) -> dict[str, Any]:
+    """cfg.json contents: SAELens 6.x keys plus our own under "workbench"."""
+    cfg = sae.cfg
+    hook_name = str(sae.metadata.get("hook_name") or "")
+    out: dict[str, Any] = {
+        "architecture": sae.saelens_architecture,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.n_features,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": _EXPORT_NORMALIZATION[cfg.normalization],
+        "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None, **sae.metadata},
+    }
+    if sae.saelens_architecture == "topk":
+        out["k"] = cfg.inference_k or cfg.k
+        out["rescale_acts_by_decoder_norm"] = False
+    out["workbench"] = {
+        "format_version": FORMAT_VERSION,
+        "config": dataclasses.asdict(cfg),
+        "norm_scale": float(sae.norm_scale),
+        "training": sae.training_info,
+        "note": "SAELens tensors have b_enc, b_dec and threshold divided by norm_scale (scalar normalisation); "
+        "workbench_state.safetensors holds them unfolded.",
+    }
+    return out
+
+
+def load_sae(path: str | Path) -> SAE:
+    """Load a folder written by `save_sae` exactly, or a SAELens topk/jumprelu folder."""
+    path = Path(path)
+    cfg_path = path / CFG_FILENAME
+    if not cfg_path.is_file():
+        raise SAEConfigError(f"{path} is not an SAE folder: {CFG_FILENAME} is missing.")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    weights = load_file(str(path / WEIGHTS_FILENAME))
+    if "workbench" in cfg:
+        return _load_workbench(path, cfg, weights)
+    return load_saelens(cfg, weights)
+
+
+def _load_workbench(path: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE:
+    ours = cfg["workbench"]
+    if ours.get("format_version", 0) > FORMAT_VERSION:
+        raise SAEConfigError(
+            f"{path} was written with workbench format_version {ours['format_version']}; "
+            f"this version reads up to {FORMAT_VERSION}."
+        )
+    sae_cfg = SAEConfig(**ours["config"])
+    sae = get_architecture(sae_cfg.arch)(sae_cfg)
+    state = load_file(str(path / WORKBENCH_TENSORS_FILENAME))
+    state.update(W_enc=weights["W_enc"], W_dec=weights["W_dec"])
+    sae.load_state_dict(state)
+    sae.metadata = {k: v for k, v in cfg.get("metadata", {}).items() if k not in _VERSION_KEYS}
+    sae.training_info = ours.get("training", {})
+    return sae
+
+
+def load_saelens(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE:
+    """Build an SAE from a SAELens cfg dict and state dict (no workbench keys)."""
+    arch = cfg.get("architecture", "standard")
+    if arch not in SAELENS_WEIGHT_SHAPES:
+        raise SAEConfigError(
+            f"SAELens architecture {arch!r} is not supported; loadable: {', '.join(SAELENS_WEIGHT_SHAPES)}."
+        )
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    _check_saelens_weights(arch, weights, {"d_in": d_in, "d_sae": d_sae})
+    weights = {name: t.float() for name, t in weights.items()}
+    normalize = cfg.get("normalize_activations") or "none"
+    if normalize is True:  # pre-6 configs stored a bool
+        normalize = "expected_average_only_in"
+    if normalize == "expected_average_only_in":
+        warnings.warn(
+            "this SAELens folder uses normalize_activations='expected_average_only_in', whose scaling "
+            "factor is not stored in the folder; like SAELens' load_from_disk, no scaling is applied.",
+            stacklevel=2,
+        )
+    ours = {"none": "none", "expected_average_only_in": "none", "layer_norm": "per_token_standardize"}
+    if normalize not in ours:
+        raise SAEConfigError(
+            f"SAELens normalize_activations={normalize!r} is not supported; loadable: {', '.join(ours)}."
+        )
+    k = None
+    if arch == "topk":
+        k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
+        if cfg.get("rescale_acts_by_decoder_norm"):  # fold ||W_dec_i|| into the encoder, as SAELens does
+            norms = weights["W_dec"].norm(dim=1).clamp_min(1e-8)
+            weights["W_enc"] = weights["W_enc"] * norms
+            weights["b_enc"] = weights["b_enc"] * norms
+            weights["W_dec"] = weights["W_dec"] / norms.unsqueeze(1)
+    sae_cfg = SAEConfig(
+        arch=arch,
+        d_in=d_in,
+        n_features=d_sae,
+        k=None if k is None else int(k),
+        normalization=ours[normalize],
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+    )
+    sae = get_architecture(arch)(sae_cfg)
+    sae.load_state_dict({**weights, "norm_scale": torch.tensor(1.0)})
+    metadata = dict(cfg.get("metadata") or {})
+    for key in ("model_name", "hook_name", "hook_point", "hook_head_index", "context_size", "prepend_bos"):
+        if key in cfg and key not in metadata:  # pre-6 configs kept these at the top level
+            metadata["hook_name" if key == "hook_point" else key] = cfg[key]
+    sae.metadata = {k: v for k, v in metadata.items() if k not in _VERSION_KEYS}
+    return sae
+
+
+def _check_saelens_weights(arch: str, weights: dict[str, torch.Tensor], dims: dict[str, int]) -> None:
+    expected = SAELENS_WEIGHT_SHAPES[arch]
+    if set(weights) != set(expected):
+        raise SAEConfigError(
+            f"SAELens {arch} weights must be exactly {sorted(expected)}, found {sorted(weights)}."
+        )
+    for name, names in expected.items():
+        shape = tuple(dims[n] for n in names)
+        if tuple(weights[name].shape) != shape:
+            raise SAEConfigError(
+                f"SAELens tensor {name} has shape {tuple(weights[name].shape)}, expected {shape} "
+                f"[{', '.join(names)}]."
+            )

@@ -1,0 +1,368 @@
+"""The training loop shared by every architecture, readable top to bottom (ALGORITHMS §0-§5).
+
+One step: normalise -> select (the architecture's rule) -> decode -> loss = NMSE + alpha * aux ->
+project decoder gradients -> clip -> Adam -> renormalise decoder rows -> update latent counters
+and thresholds. Dead-latent tracking, checkpointing and logging are collaborators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from itertools import islice
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.aux_losses import aux_zipf_loss, auxk_loss, zipf_weights
+from sae.base import GRADS_HINT, SAE
+from sae.batches import BatchStream, make_stream
+from sae.checkpoint import Checkpointer, read_checkpoint, restore_optimizer
+from sae.config import FORMAT_VERSION, RUN_ONLY_KEYS, SAEConfig, TrainConfig, config_diff
+from sae.errors import SAEConfigError, SAEDataError, SAETrainingError
+from sae.feature_tracking import FeatureTracker
+from sae.initialization import geometric_median
+from sae.normalization import estimate_scale
+from sae.registry import get_architecture
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+def default_lr(n_features: int) -> float:
+    """2e-4 / sqrt(F / 2^14), the dictionary_learning scaling of the learning rate with width."""
+    return 2e-4 / math.sqrt(n_features / 2**14)
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, cfg: TrainConfig) -> float:
+    """Linear warmup (<= warmup_max_fraction of the run), flat, then linear decay to 0 (our choice)."""
+    warmup = min(cfg.warmup_steps, int(cfg.warmup_max_fraction * total_steps))
+    decay_start = total_steps - int(cfg.decay_fraction * total_steps)
+    factor = 1.0
+    if step < warmup:
+        factor = (step + 1) / warmup
+    if step >= decay_start:
+        factor = min(factor, (total_steps - step) / (total_steps - decay_start))
+    return base_lr * factor
+
+
+@torch.no_grad()
+def project_decoder_grads(W_dec: Tensor) -> None:
+    """g_i <- g_i - (d_i . g_i) d_i for each unit-norm decoder row d_i (OpenAI sparse_autoencoder)."""
+    if W_dec.grad is not None:
+        W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec
+
+
+@torch.no_grad()
+def normalize_decoder_rows(W_dec: Tensor) -> None:
+    """Put the decoder rows back on the unit sphere after the optimiser step."""
+    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Per-batch NMSE ||x - x_hat||^2 / ||x - mean_B(x)||^2, Gao et al.'s reconstruction loss."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+
+
+class TrainLogger:
+    """Progress bar (loss, L0, FVU, dead fraction, tokens/s) and the optional log_fn callback."""
+
+    def __init__(self, total_steps: int, start_step: int, batch_size: int, cfg: TrainConfig, log_fn: LogFn | None):
+        self.total_steps, self.batch_size, self.every, self.log_fn = total_steps, batch_size, cfg.log_every, log_fn
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", desc="sae")
+        self.started, self.start_step = time.perf_counter(), start_step
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """`step` counts completed steps (1-based)."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics["tokens_per_s"] = (step - self.start_step) * self.batch_size / elapsed
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            L0=f"{metrics['l0']:.1f}",
+            FVU=f"{metrics['fvu']:.4f}",
+            dead=f"{metrics['dead_frac']:.3f}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            refresh=False,
+        )
+        if self.log_fn is not None and (step % self.every == 0 or step == self.total_steps):
+            self.log_fn(step, dict(metrics))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Trainer:
+    """Trains one SAE on one batch stream; `run()` returns the trained SAE."""
+
+    def __init__(self, sae: SAE, stream: BatchStream, cfg: TrainConfig, log_fn: LogFn | None = None) -> None:
+        if stream.d_in != sae.cfg.d_in:
+            raise SAEDataError(f"activations have width {stream.d_in} but the SAE has d_in={sae.cfg.d_in}.")
+        if sae.needs_grads and not stream.has_grads:
+            raise SAEDataError(f"arch {sae.arch!r} trains on per-token LM-loss gradients: {GRADS_HINT}.")
+        sae.check_batch_size(cfg.batch_size)
+        total_tokens = cfg.total_tokens or stream.tokens_per_pass
+        if total_tokens is None:
+            raise SAEConfigError(
+                "total_tokens is required when activations is a one-shot iterator (its length is unknown); "
+                "pass total_tokens=... or give a tensor, list or cache."
+            )
+        self.total_steps = total_tokens // cfg.batch_size
+        if self.total_steps < 1:
+            raise SAEConfigError(f"total_tokens={total_tokens} is less than one batch (batch_size={cfg.batch_size}).")
+        # Resolve every default once, so checkpoints record (and resumes compare) the values used.
+        self.lr = cfg.lr or default_lr(sae.cfg.n_features)
+        self.k_aux = cfg.k_aux or max(1, sae.cfg.d_in // 2)
+        dead_tokens = cfg.dead_tokens or min(10_000_000, max(1, self.total_steps * cfg.batch_size // 5))
+        self.cfg = dataclasses.replace(
+            cfg,
+            total_tokens=self.total_steps * cfg.batch_size,
+            lr=self.lr,
+            aux_loss=cfg.aux_loss or sae.default_aux_loss,
+            k_aux=self.k_aux,
+            dead_tokens=dead_tokens,
+        )
+        self.sae, self.stream, self.log_fn = sae, stream, log_fn
+        self.tracker = FeatureTracker(sae.cfg.n_features, dead_tokens, cfg.fire_threshold, sae.cfg.density_ema_beta)
+        self.optimizer = torch.optim.Adam(
+            [p for _, p in sae.named_parameters()], lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+        )
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
+        self.step = 0
+
+    def run(self) -> SAE:
+        if not self.resume():
+            self.initialize()
+        logger = TrainLogger(self.total_steps, self.step, self.cfg.batch_size, self.cfg, self.log_fn)
+        batches = self.stream.batches(start=self.step)
+        metrics: dict[str, float] = {}
+        try:
+            for step in range(self.step, self.total_steps):
+                batch = next(batches, None)
+                if batch is None:
+                    raise SAEDataError(f"the activations ran out at step {step} of {self.total_steps}.")
+                metrics = self.train_step(step, *batch)
+                self.step = step + 1
+                logger.log(self.step, metrics)
+                every = self.cfg.checkpoint_every
+                if self.checkpointer and (self.step == self.total_steps or (every and self.step % every == 0)):
+                    self.save_checkpoint(metrics)
+        finally:
+            logger.close()
+        self.sae.training_info = self.training_info(metrics)
+        return self.sae
+
+    def train_step(self, step: int, x: Tensor, grads: Tensor | None) -> dict[str, float]:
+        """One optimiser step on batch x (and LM gradients); raises before updating on NaN/inf."""
+        sae = self.sae
+        _check_finite(x, grads, f"step {step} (batch {step} of the stream)")
+        x_n, g_n, _ = sae.normalize(x, grads)
+        z, selection = sae.encode_train(x_n, g_n)
+        x_hat = sae.decode_normalized(z)
+        rec = nmse(x_n, x_hat)
+        aux = self.aux_loss(selection.pre_acts, (x_n - x_hat).detach())
+        loss = rec + self.cfg.aux_coef * aux
+        if not torch.isfinite(loss):
+            raise SAETrainingError(
+                f"the loss became {loss.item()} at step {step} (reconstruction {rec.item()}, aux {aux.item()}); "
+                "no update was applied. Lower lr or check the activations' scale."
+            )
+        lr = lr_at(step, self.total_steps, self.lr, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        project_decoder_grads(sae.W_dec)
+        params = [p for p in sae.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise SAETrainingError(f"gradients became non-finite at step {step}; no update was applied.")
+        self.optimizer.step()
+        normalize_decoder_rows(sae.W_dec)
+        z = z.detach()
+        self.tracker.update(z)
+        sae.observe(z, selection, step, self.total_steps)
+        return {
+            "loss": float(loss.detach()),
+            "fvu": float(rec.detach()),  # batch NMSE in the training space (= batch FVU under scalar norm)
+            "aux_loss": float(aux.detach()),
+            "l0": float((z > 0).sum(dim=1).float().mean()),
+            "dead_frac": self.tracker.dead_fraction(),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            **selection.stats,
+        }
+
+    def aux_loss(self, pre_acts: Tensor, residual: Tensor) -> Tensor:
+        """AuxK or aux_zipf on the residual, using the dead/density state before this step."""
+        k_aux, dead = self.k_aux, self.tracker.dead_mask()
+        if self.cfg.aux_loss == "auxk":
+            return auxk_loss(pre_acts, residual, self.sae.W_dec, dead, k_aux)
+        if self.cfg.aux_loss == "aux_zipf":
+            weights = zipf_weights(
+                self.tracker.density_ema, dead, self.cfg.aux_zipf_head_fraction, self.cfg.aux_zipf_r0
+            )
+            return aux_zipf_loss(pre_acts, residual, self.sae.W_dec, weights, k_aux)
+        return pre_acts.new_zeros(())
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Estimate the scalar normalisation c, then set b_pre to the geometric median (§0)."""
+        sae, cfg = self.sae, self.cfg
+        gm_batches = math.ceil(cfg.geometric_median_rows / cfg.batch_size)
+        norm_batches = min(cfg.norm_estimation_batches, self.total_steps) if sae.cfg.normalization == "scalar" else 0
+        if not self.stream.reiterable:  # one-shot data is replayed from memory: read only what b_pre needs
+            norm_batches = min(norm_batches, gm_batches)
+        n_read = min(max(norm_batches, gm_batches), self.total_steps)
+        if self.stream.reiterable:
+            first: Iterable[tuple[Tensor, Tensor | None]] = islice(self.stream.batches(0), n_read)
+        else:
+            first = self.stream.peek(n_read)
+        norm_sum, norm_rows, sample, held = 0.0, 0, [], 0
+        for j, (x, _) in enumerate(first):
+            _check_finite(x, None, f"batch {j} (read to initialise the normalisation and b_pre)")
+            if j < norm_batches:
+                norm_sum += float(x.double().norm(dim=1).sum())
+                norm_rows += x.shape[0]
+            if held < cfg.geometric_median_rows:
+                sample.append(x[: cfg.geometric_median_rows - held])
+                held += sample[-1].shape[0]
+        if norm_batches:
+            sae.norm_scale.fill_(estimate_scale(norm_sum, norm_rows, sae.cfg.d_in))
+        x_n, _, _ = sae.normalize(torch.cat(sample))
+        sae.b_dec.copy_(geometric_median(x_n))
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint if there is one; the configs must match."""
+        latest = self.checkpointer.latest() if self.checkpointer else None
+        if latest is None:
+            return False
+        if not self.cfg.resume:
+            raise SAEConfigError(
+                f"{self.cfg.checkpoint_dir} already holds checkpoints (newest: {latest.name}); pass resume=True "
+                "to continue that run, or choose another checkpoint_dir."
+            )
+        loaded, tensors, state = read_checkpoint(latest)
+        if loaded.cfg.d_in != self.sae.cfg.d_in:
+            raise SAEDataError(
+                f"activations have width {self.sae.cfg.d_in} but the checkpoint's SAE ({latest}) has "
+                f"d_in={loaded.cfg.d_in}."
+            )
+        diffs = config_diff(state["sae_config"], dataclasses.asdict(self.sae.cfg)) + config_diff(
+            _semantic(state["train_config"]), _semantic(dataclasses.asdict(self.cfg))
+        )
+        if diffs:
+            raise SAEConfigError(
+                f"cannot resume from {latest}: the configuration differs in {len(diffs)} key(s): "
+                + "; ".join(diffs)
+                + ". Rerun with the saved settings, or use a new checkpoint_dir."
+            )
+        self.sae.load_state_dict(loaded.state_dict())
+        restore_optimizer(self.sae, self.optimizer, tensors)
+        self.tracker.load_state_tensors(
+            {k.removeprefix("tracker."): v for k, v in tensors.items() if k.startswith("tracker.")}
+        )
+        self.step = int(state["step"])
+        return True
+
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        assert self.checkpointer is not None
+        self.sae.training_info = self.training_info(metrics)
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "tokens_seen": self.step * self.cfg.batch_size,
+            "total_steps": self.total_steps,
+            "sae_config": dataclasses.asdict(self.sae.cfg),
+            "train_config": dataclasses.asdict(self.cfg),
+        }
+        self.checkpointer.save(self.step, self.sae, self.optimizer, self.tracker, state)
+
+    def training_info(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {
+            "train_config": dataclasses.asdict(self.cfg),
+            "steps": self.step,
+            "tokens": self.step * self.cfg.batch_size,
+            "last_metrics": {  # JSON has no inf/NaN: a not-yet-learned threshold is recorded as null
+                k: v if math.isfinite(v) else None for k, v in metrics.items() if k != "tokens_per_s"
+            },
+        }
+
+
+def _semantic(train_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train_config.items() if k not in RUN_ONLY_KEYS}
+
+
+def _cache_metadata(cache: Any) -> dict[str, Any]:
+    """SAELens metadata a cache can tell: its model and its first hook (the one iter_batches reads)."""
+    found: dict[str, Any] = {}
+    if isinstance(getattr(cache, "model", None), str):
+        found["model_name"] = cache.model
+    hooks = getattr(cache, "hooks", None)
+    if isinstance(hooks, list) and hooks:
+        found["hook_name"] = hooks[0]
+    return found
+
+
+def _check_finite(x: Tensor, grads: Tensor | None, where: str) -> None:
+    for name, t in (("activations", x), ("gradients", grads)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            row = int(bad.any(dim=1).nonzero()[0, 0])
+            raise SAEDataError(
+                f"{name} contain NaN/inf at {where}, first in row {row} ({int(bad.sum())} bad values); "
+                "nothing was updated with them."
+            )
+
+
+def train(
+    activations: Any,
+    *,
+    arch: str,
+    n_features: int,
+    k: int,
+    grads: Tensor | None = None,
+    batch_size: int = 4096,
+    total_tokens: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    log_fn: LogFn | None = None,
+    metadata: dict[str, Any] | None = None,
+    **options: Any,
+) -> SAE:
+    """Train an SAE of architecture `arch` on activations and return it.
+
+    activations: tensor [N, d] (with optional grads [N, d]), an iterable of batches (tensors or
+    (acts, grads) pairs), or a cache directory path (read with `activations.load_cache`).
+    options: any SAEConfig or TrainConfig field (see sae.config), e.g. normalization="none",
+    checkpoint_dir=..., progress=False. metadata: SAELens metadata (model_name, hook_name, ...).
+    """
+    cls = get_architecture(arch, trainable=True)
+    sae_keys = {f.name for f in dataclasses.fields(SAEConfig)} - {"arch", "d_in", "n_features", "k"}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"batch_size", "total_tokens", "lr", "seed"}
+    unknown = sorted(set(options) - sae_keys - train_keys)
+    if unknown:
+        allowed = ", ".join(sorted(sae_keys | train_keys))
+        raise SAEConfigError(f"unknown option(s) {', '.join(unknown)}; allowed: {allowed}.")
+    train_cfg = TrainConfig(
+        batch_size=batch_size, total_tokens=total_tokens, lr=lr, seed=seed,
+        **{key: v for key, v in options.items() if key in train_keys},
+    )
+    sae_options = {key: v for key, v in options.items() if key in sae_keys}
+    cls.validate_config(SAEConfig(arch=arch, d_in=1, n_features=n_features, k=k, **sae_options))  # before any data
+    metadata = dict(metadata or {})
+    if isinstance(activations, (str, PathLike)):
+        import activations as activations_package  # the caching package; imported only for cache paths
+
+        activations = activations_package.load_cache(activations)
+    if hasattr(activations, "iter_batches"):
+        metadata = {**_cache_metadata(activations), **metadata}
+    stream = make_stream(activations, grads, batch_size, train_cfg.shuffle, seed)
+    sae_cfg = SAEConfig(arch=arch, d_in=stream.d_in, n_features=n_features, k=k, **sae_options)
+    sae = cls(sae_cfg, seed=seed)
+    sae.metadata = metadata
+    return Trainer(sae, stream, train_cfg, log_fn).run()

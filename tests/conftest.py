@@ -1,0 +1,170 @@
+"""Shared fixtures for the activations tests: a char-level tokenizer, tiny models and a small corpus.
+
+Everything here is built locally and offline; heavy imports happen inside the fixtures so that
+collecting other test modules stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+# No test ever reaches the Hugging Face hub; fail fast instead of retrying a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+# Printable ASCII without the vertical tab / form feed: 4 specials + 98 characters.
+CHARS = [c for c in string.printable if c not in "\x0b\x0c"]
+VOCAB = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = (VOCAB[t] for t in SPECIAL_TOKENS)
+
+_WORDS = (
+    "the a an of to in and or but light water stone river king city field house bread wind fire night day "
+    "walked spoke carried found gave kept sought heard saw built opened closed went came stood fell rose "
+    "old new small great quiet bright dark early late green golden"
+).split()
+
+
+def make_char_tokenizer():
+    """One token per character: ``WordLevel`` over printable ASCII behind a split-every-character pre-tokenizer."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def corpus_paragraphs(n: int = 60, seed: int = 0) -> list[str]:
+    """Deterministic short documents (40-250 characters) so that contexts of 32 tokens cross document bounds."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 45))]
+        docs.append(f"{i}: " + " ".join(words).capitalize() + ".")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer_dir(tmp_path_factory) -> Path:
+    """The char tokenizer saved to a folder.
+
+    transformer_lens re-creates a model's tokenizer from its ``name_or_path`` (to turn on
+    ``add_bos_token``); an in-memory ``PreTrainedTokenizerFast`` has none, so models get the saved copy.
+    """
+    folder = tmp_path_factory.mktemp("char_tokenizer")
+    make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer(char_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(char_tokenizer_dir)
+    assert tokenizer.bos_token_id == BOS_ID and len(tokenizer) == len(VOCAB)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model(char_tokenizer):
+    """A randomly initialised 3-layer HookedTransformer (d_model 32, 4 heads of 8, d_mlp 64), frozen, eval mode."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=3,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        n_ctx=64,
+        d_vocab=len(VOCAB),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, char_tokenizer)
+    model.eval()
+    model.requires_grad_(False)
+    assert model.tokenizer.bos_token_id == BOS_ID
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_folder(tmp_path_factory, char_tokenizer) -> Path:
+    """A 2-layer Llama (GQA: 4 query / 2 key-value heads) and the char tokenizer, saved as a local HF folder.
+
+    Weights use a wide init (std 0.3) so the next-token distribution is far from uniform and a wrong
+    conversion shows up in the log-probs.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(VOCAB),
+        max_position_embeddings=128,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # The folder name must not contain "llama"/"gemma": transformer_lens picks an architecture by substring.
+    folder = tmp_path_factory.mktemp("tiny_hf_model")
+    model.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus_txt(tmp_path_factory) -> Path:
+    """60 short paragraphs separated by blank lines (about 8k characters)."""
+    path = tmp_path_factory.mktemp("corpus") / "paragraphs.txt"
+    path.write_text("\n\n".join(corpus_paragraphs()) + "\n")
+    return path
+
+
+@pytest.fixture
+def isolated_cache_root(tmp_path, monkeypatch) -> Path:
+    """Point ``SAEWB_CACHE`` (converted models, extracted corpora) at a fresh folder for one test."""
+    root = tmp_path / "saewb-cache-root"
+    monkeypatch.setenv("SAEWB_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def datasets_tmp_cache(tmp_path, monkeypatch) -> Path:
+    """Keep the arrow files that ``datasets.load_dataset`` writes for local corpus files out of ~/.cache."""
+    import datasets
+
+    folder = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensor ops are faster and repeatable on one thread; used by the SAE tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

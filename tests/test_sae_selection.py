@@ -1,0 +1,223 @@
+"""Selection-rule invariants of every architecture (ALGORITHMS §1-§5, §11)."""
+
+import pytest
+import torch
+
+from sae.architectures.feature_choice import largest_remainder
+from sae.base import Selection, update_threshold_ema
+from sae.config import SAEConfig
+from sae.errors import SAEConfigError, SAEDataError
+from sae.registry import get_architecture
+
+D, F, K = 16, 128, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run faster (and the same) on one thread; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(arch: str, seed: int = 0, **options):
+    return get_architecture(arch)(SAEConfig(arch=arch, d_in=D, n_features=F, k=K, **options), seed=seed)
+
+
+def batch(n: int = 512, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_topk_l0_is_exactly_k_in_training_and_inference():
+    sae = make("topk")
+    x = batch()
+    x_n, _, _ = sae.normalize(x)
+    assert (sae.pre_acts(x_n) > 0).sum(dim=1).min() >= K  # precondition: enough positive pre-activations
+    z_train, selection = sae.encode_train(x_n)
+    z_infer = sae.encode(x)
+    assert selection.mask.sum(dim=1).eq(K).all()
+    assert (z_train > 0).sum(dim=1).eq(K).all()
+    assert torch.equal(z_train, z_infer)
+
+
+def test_topk_inference_k_keeps_more_latents():
+    sae = make("topk", inference_k=3 * K)
+    assert (sae.encode(batch()) > 0).sum(dim=1).eq(3 * K).all()
+
+
+def test_mutual_choice_batch_mean_l0_is_exactly_k_and_varies_per_token():
+    sae = make("mutual_choice")
+    x = batch(300)
+    x_n, _, _ = sae.normalize(x)
+    z, selection = sae.encode_train(x_n)
+    per_token = (z > 0).sum(dim=1).double()
+    assert int(selection.mask.sum()) == K * 300
+    assert per_token.mean().item() == K
+    assert per_token.std().item() > 0.5  # a global budget, not TopK in disguise
+
+
+def test_mutual_choice_inference_is_single_threshold_jumprelu():
+    sae = make("mutual_choice")
+    with pytest.raises(SAEConfigError, match="no inference threshold yet"):
+        sae.encode(batch())
+    sae.threshold.fill_(0.3)
+    sae.threshold_initialized.fill_(True)
+    x = batch()
+    a = sae.pre_acts(sae.normalize(x)[0])
+    expected = a.relu() * (a > 0.3)
+    assert torch.equal(sae.encode(x), expected)
+
+
+def test_mutual_choice_threshold_ema_starts_from_first_minimum():
+    sae = make("mutual_choice", threshold_beta=0.9, threshold_start_step=5)
+    z = torch.tensor([[0.0, 2.0], [0.5, 3.0]])
+    mask = torch.tensor([[True, True], [True, True]])
+    selection = Selection(pre_acts=z, mask=mask)
+    sae.observe(z, selection, step=4, total_steps=1000)  # before the start step: no update
+    assert not bool(sae.threshold_initialized)
+    sae.observe(z, selection, step=5, total_steps=1000)
+    assert sae.threshold.item() == 0.5  # min selected positive value (the 0.0 is not positive)
+    sae.observe(z * 2, selection, step=6, total_steps=1000)
+    assert sae.threshold.item() == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
+
+
+def test_threshold_start_is_clipped_to_a_tenth_of_the_run():
+    sae = make("mutual_choice", threshold_start_step=1000)
+    z = torch.tensor([[1.0]])
+    sae.observe(z, Selection(pre_acts=z, mask=torch.tensor([[True]])), step=10, total_steps=100)
+    assert bool(sae.threshold_initialized)
+
+
+def test_update_threshold_ema_only_touches_valid_entries():
+    theta = torch.tensor([1.0, 2.0, float("inf")])
+    initialized = torch.tensor([True, True, False])
+    update_threshold_ema(theta, initialized, torch.tensor([3.0, 9.0, 5.0]), torch.tensor([True, False, True]), 0.5)
+    assert theta.tolist() == [2.0, 2.0, 5.0]
+    assert initialized.tolist() == [True, True, True]
+
+
+@pytest.mark.parametrize("batch_size", [256, 300])
+def test_feature_choice_uniform_column_counts_match_capacities(batch_size):
+    sae = make("feature_choice")
+    x_n, _, _ = sae.normalize(batch(batch_size))
+    _, selection = sae.encode_train(x_n)
+    m = sae.capacities(batch_size)
+    assert int(m.sum()) == K * batch_size
+    assert torch.equal(selection.mask.sum(dim=0), m)
+    assert set(m.tolist()) <= {K * batch_size // F, K * batch_size // F + 1}
+
+
+def test_feature_choice_zipf_capacities_follow_density_rank():
+    sae = make("feature_choice", fc_capacity="zipf", fc_zipf_s=1.0)
+    sae.density_ema.copy_(torch.rand(F, generator=torch.Generator().manual_seed(3)))
+    B = 256
+    x_n, _, _ = sae.normalize(batch(B))
+    _, selection = sae.encode_train(x_n)
+    m = sae.capacities(B)
+    assert int(m.sum()) == K * B
+    assert torch.equal(selection.mask.sum(dim=0), m)
+    assert int(m.min()) >= 1 and int(m.max()) <= B
+    by_density = m[torch.argsort(sae.density_ema, descending=True)]
+    assert (by_density[:-1] >= by_density[1:]).all()  # denser latents get at least as much capacity
+    assert by_density[0] > by_density[-1]
+
+
+def test_largest_remainder_caps_and_rounds():
+    shares = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    assert largest_remainder(shares, 10, cap=10).tolist() == [5, 3, 2]
+    # 0.5*10 = 5 > cap 4: clip to 4, spread 6 over 0.3:0.2 -> 3.6, 2.4 -> floors 3, 2 + one to 3.6
+    assert largest_remainder(shares, 10, cap=4).tolist() == [4, 4, 2]
+
+
+def test_feature_choice_rejects_batches_below_one_token_per_feature():
+    sae = make("feature_choice")
+    with pytest.raises(SAEConfigError, match=r"minimum batch size .* is 16"):
+        sae.check_batch_size(15)  # F/k = 128/8 = 16
+    sae.check_batch_size(16)
+    zipf = make("feature_choice", fc_capacity="zipf")
+    with pytest.raises(SAEConfigError, match="minimum batch size") as info:
+        zipf.check_batch_size(16)
+    minimum = int(str(info.value).rstrip(".").split()[-1])
+    zipf.check_batch_size(minimum)
+    assert int(zipf.capacities(minimum).min()) >= 1
+
+
+def test_feature_choice_inference_uses_per_feature_thresholds():
+    sae = make("feature_choice")
+    theta = torch.linspace(0.0, 1.0, F)
+    sae.threshold.copy_(theta)
+    sae.threshold_initialized.fill_(True)
+    x = batch()
+    a = sae.pre_acts(sae.normalize(x)[0])
+    assert torch.equal(sae.encode(x), a.relu() * (a > theta))
+
+
+def test_gradient_topk_without_gradients_is_plain_topk():
+    g_sae, topk = make("gradient_topk"), make("topk")
+    x = batch()
+    assert torch.equal(g_sae.encode(x), topk.encode(x))
+
+
+def test_gradient_topk_selects_by_gradient_weighted_score():
+    sae = make("gradient_topk", grad_beta=3.0, normalization="none")
+    x, g = batch(), batch(seed=7)
+    a = sae.pre_acts(x)
+    h = g @ sae.W_dec.T
+    h = h / h.pow(2).mean(dim=1, keepdim=True).sqrt()
+    z = a.relu()
+    score = z + 3.0 * z * h.abs()
+    expected = torch.zeros_like(z).scatter(1, score.topk(K, dim=1).indices, z.gather(1, score.topk(K, dim=1).indices))
+    got = sae.encode(x, g)
+    assert torch.allclose(got, expected)
+    assert not torch.equal(got, sae.encode(x))  # the gradient changes which latents are kept
+    x_n, g_n, _ = sae.normalize(x, g)
+    z_train, _ = sae.encode_train(x_n, g_n)
+    assert torch.equal(z_train, got)
+
+
+def test_gradient_topk_uses_gradients_of_the_normalised_input():
+    sae = make("gradient_topk")
+    sae.norm_scale.fill_(0.25)
+    x, g = batch(), batch(seed=7)
+    _, g_n, _ = sae.normalize(x, g)
+    assert torch.equal(g_n, g / 0.25)  # x_n = c x  =>  dL/dx_n = g / c
+    std_sae = make("gradient_topk", normalization="per_token_standardize")
+    _, g_std, stats = std_sae.normalize(x, g)
+    assert torch.allclose(g_std, g * stats.std)
+
+
+def test_gradient_topk_rms_normalisation_makes_beta_scale_free():
+    sae = make("gradient_topk", grad_beta=1.0)
+    x, g = batch(), batch(seed=7)
+    assert torch.equal(sae.encode(x, g) > 0, sae.encode(x, 1000 * g) > 0)
+
+
+def test_gradient_topk_training_without_gradients_names_the_cache_flag():
+    sae = make("gradient_topk")
+    with pytest.raises(SAEDataError, match="saewb cache --with-grads"):
+        sae.encode_train(batch())
+
+
+def test_per_token_standardize_round_trip_and_decode_needs_inputs():
+    sae = make("topk", normalization="per_token_standardize")
+    x = 3.0 + 5.0 * batch()
+    x_n, _, stats = sae.normalize(x)
+    assert torch.allclose(x_n.mean(dim=1), torch.zeros(len(x)), atol=1e-5)
+    assert torch.allclose(x_n.std(dim=1), torch.ones(len(x)), atol=1e-4)
+    z = sae.encode(x)
+    assert torch.allclose(sae.decode(z, x), sae.decode_normalized(z) * stats.std + stats.mean)
+    with pytest.raises(SAEConfigError, match="needs x="):
+        sae.decode(z)
+
+
+def test_encode_accepts_leading_dimensions():
+    sae = make("topk")
+    x = batch(24).reshape(2, 12, D)
+    assert sae.encode(x).shape == (2, 12, F)
+    assert torch.equal(sae(x), sae(x.reshape(24, D)).reshape(2, 12, D))
+
+
+def test_width_mismatch_is_a_clear_error():
+    with pytest.raises(SAEDataError, match="width 5 but this SAE has d_in=16"):
+        make("topk").encode(torch.randn(3, 5))
