@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from experiments.arguments import add_dataclass_arguments, dataclass_from_args
-
-DEMO_HOOK = "blocks.6.hook_resid_post"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -48,7 +45,7 @@ def _train_parser_options(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(
         advanced,
         TrainConfig,
-        skip=tuple(RESERVED) + ("progress", "checkpoint_every"),
+        skip=tuple(RESERVED),
         defaults=_none_defaults(TrainConfig),
     )
 
@@ -127,25 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: cache activations of SmolLM2 on the offline corpus."""
-    from activations import CacheConfig, build_cache
+    """The main job on the embedded default (see experiments/demo.py)."""
+    from experiments.demo import DemoConfig, run_demo
 
-    out = Path(args.out)
-    started = time.perf_counter()
-    print(
-        f"[saewb demo] 1/1 caching {args.tokens:,} tokens of smollm2-135m at {DEMO_HOOK} into {out / 'cache'}",
-        file=sys.stderr,
-    )
-    manifest = build_cache(
-        CacheConfig(model="smollm2-135m", hooks=[DEMO_HOOK], out=str(out / "cache"), tokens=args.tokens),
-        progress=True,
-    )
-    run = manifest.get("last_run", {})
-    print(
-        f"[saewb demo] done in {time.perf_counter() - started:.0f}s: cache {out / 'cache'} "
-        f"({manifest['n_tokens']:,} rows, d_in {manifest['d_in'][DEMO_HOOK]}, "
-        f"{run.get('tokens_per_s', 0):,.0f} tokens/s this run)"
-    )
+    run_demo(dataclass_from_args(DemoConfig, args))
     return 0
 
 
@@ -202,14 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_eval)
 
+    from experiments.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+
     demo = sub.add_parser(
         "demo",
         help="the main job on the embedded default model and corpus",
-        description="Cache activations of SmolLM2-135M (offline) at " + DEMO_HOOK + " on the default corpus "
-        "and report where they are and how fast it went. Rerunning reuses the complete cache.",
+        description="Cache SmolLM2-135M activations (offline) at blocks.6.hook_resid_post, train TopK, "
+        "Mutual-Choice, Feature-Choice and g-SAE at equal mean L0, and print the comparison table "
+        "(held-out FVU, L0, dead/dense fractions, CE recovered, KL). Finished steps are reused on a rerun.",
     )
-    demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (default: runs/demo)")
-    demo.add_argument("--tokens", type=int, default=200_000, help="tokens to cache (default: 200000)")
+    from experiments.demo import DemoConfig
+
+    add_dataclass_arguments(demo, DemoConfig)
     demo.set_defaults(func=cmd_demo)
     return parser
 

