@@ -318,7 +318,8 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
         # Without an explicit shard size, a resume adopts the cache's own; all else must match.
         shard_contexts = cfg.shard_contexts or existing.get("shard_contexts")
         _refuse_mismatch(out, existing, _identity(cfg, n_contexts, shard_contexts))
-        _remove_temp_files(out)
+    _remove_temp_files(out)  # leftovers of a killed run (only after any refusal: a refused run changes nothing)
+    if existing is not None:
         bad = _verify_listed_shards(out, existing)
         if bad and progress:
             print(f"[saewb] shards {bad} were damaged or missing: recomputing them", file=sys.stderr)

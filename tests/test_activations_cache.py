@@ -557,3 +557,33 @@ def test_config_validation(tmp_path, corpus_txt, change, message):
     with pytest.raises(CacheError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
         build_cache(cfg, model=ExplodingModel(), progress=False)
     assert not (tmp_path / "c").exists()  # refused before anything is created
+
+
+def test_kill_after_tokens_before_manifest_starts_afresh(tmp_path, tiny_model, corpus_txt, reference):
+    """A kill between writing tokens.npy and the first manifest leaves no manifest: the rerun must not refuse."""
+    ref_out, ref_manifest = reference
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "tokens.npy").write_bytes(b"half-written tokens")
+    (out / ".tokens.npy.abc.tmp").write_bytes(b"temp")
+    build_cache(make_cfg(out, corpus_txt), model=tiny_model, progress=False)
+    assert folder_files(out) == folder_files(ref_out)
+    assert without_run_stats(read_manifest(out)) == without_run_stats(ref_manifest)
+
+
+def test_nan_gradient_is_refused(tmp_path, tiny_model, corpus_txt, monkeypatch):
+    real = cache_mod._run_batch
+
+    def nan_grads(model, tokens, specs, with_grads, bos_id):
+        acts, grads = real(model, tokens, specs, with_grads, bos_id)
+        return acts, {k: torch.full_like(v, float("nan")) for k, v in grads.items()}
+
+    monkeypatch.setattr(cache_mod, "_run_batch", nan_grads)
+    cfg = make_cfg(tmp_path / "c", corpus_txt, hooks=[HOOKS[0]], tokens=8 * CONTEXT, with_grads=True)
+    with pytest.raises(CacheError) as info:
+        build_cache(cfg, model=tiny_model, progress=False)
+    assert str(info.value) == (
+        "the model produced a NaN/inf gradient at hook blocks.1.hook_resid_post in contexts starting at 0; "
+        "try --dtype float32 or a float32 model"
+    )
+    assert read_manifest(tmp_path / "c")["shards"] == []
