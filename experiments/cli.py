@@ -15,13 +15,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from activations import CacheError, CorpusError, HookError, ModelLoadError
 
     errors: list[type[BaseException]] = [CacheError, CorpusError, HookError, ModelLoadError]
-    try:
-        from sae.errors import SAEError
+    from experiments.analysis import AnalysisError, StoreError
+    from sae.errors import SAEError
 
-        errors.append(SAEError)
-    except ImportError:  # the sae package is optional for the activation stage
-        pass
-    return tuple(errors)
+    return (*errors, SAEError, AnalysisError, StoreError)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -184,9 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_eval)
 
+    from dashboard.launch import add_dashboard_parser
+    from experiments.analysis import add_analyze_parser
     from experiments.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
+    add_analyze_parser(sub)
+    add_dashboard_parser(sub)
 
     demo = sub.add_parser(
         "demo",

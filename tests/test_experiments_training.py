@@ -332,3 +332,39 @@ def test_synthetic_recovery_measures():
     half = recovery(torch.cat([atoms[6:], -atoms[6:]]), atoms, freqs)  # only the 6 most frequent atoms learned
     assert half["recovered_0.9"] == pytest.approx(0.5)
     assert half["rare_recovered_0.9"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(("env", "flag"), [({"CI": "true"}, True), ({"SAEWB_NO_DASHBOARD": "1"}, True), ({}, False)])
+def test_demo_never_blocks_on_the_dashboard_in_scripted_runs(monkeypatch, tmp_path, env, flag):
+    import subprocess
+
+    from experiments import demo
+
+    for key in ("CI", "SAEWB_NO_DASHBOARD"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(demo.sys.stdin, "isatty", lambda: True, raising=False)
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: calls.append(a) or 0)
+    said = []
+    demo.serve_dashboard(demo.DemoConfig(dashboard=flag, port=8599), tmp_path / "store", said.append)
+    assert calls == []
+    assert said == [f"done. Browse the features with: saewb dashboard --store {tmp_path / 'store'} --port 8599"]
+
+
+def test_demo_serves_the_dashboard_when_interactive(monkeypatch, tmp_path):
+    import subprocess
+
+    from experiments import demo
+
+    for key in ("CI", "SAEWB_NO_DASHBOARD"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(demo.sys.stdin, "isatty", lambda: True, raising=False)
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **k: calls.append(cmd) or 0)
+    demo.serve_dashboard(demo.DemoConfig(port=8599), tmp_path / "store", lambda msg: None)
+    assert len(calls) == 1
+    cmd = calls[0]
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8599"
+    assert cmd[-2:] == ["--store", str(tmp_path / "store")]

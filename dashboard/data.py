@@ -1,0 +1,74 @@
+"""Where the store is and how it is loaded: once per process (st.cache_resource), shared by every session."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+from experiments.analysis import DEFAULT_STORE, STORE_FILE, AnalysisStore, StoreError
+
+
+def store_path(argv: list[str] | None = None) -> str:
+    """`--store DIR` after `streamlit run app.py --`, else $SAEWB_STORE, else the demo's store."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--store")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args.store or os.environ.get("SAEWB_STORE") or DEFAULT_STORE
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _open_store(path: str, mtime: float) -> AnalysisStore:
+    """Keyed by the file's mtime too: `saewb analyze` replaces the file, and an open connection would keep
+    reading the old one."""
+    return AnalysisStore(path)
+
+
+def get_store() -> AnalysisStore | None:
+    """The store, or None after showing in the page how to build one (never a traceback)."""
+    path = store_path()
+    file = Path(path) / STORE_FILE
+    try:
+        store = _open_store(path, file.stat().st_mtime if file.exists() else 0.0)
+    except StoreError as exc:
+        st.error(str(exc))
+        return None
+    if not store.saes():
+        st.error(f"the store at {path} holds no SAE yet: add one with `saewb analyze --sae RUN --activations CACHE "
+                 f"--out {path}`")
+        return None
+    return store
+
+
+def pick_sae(store: AnalysisStore, key: str = "sae") -> str:
+    """A selectbox of the store's SAEs, remembered across pages."""
+    names = [s["name"] for s in store.saes()]
+    return st.sidebar.selectbox("SAE", names, key=key)
+
+
+@st.cache_resource(show_spinner="loading the model ...")
+def load_lm(name: str):
+    """The language model named in the store (loaded once per process; the default one converts offline)."""
+    from activations.models import load_model
+
+    return load_model(name)
+
+
+@st.cache_resource(show_spinner=False)
+def load_sae(path: str):
+    import sae
+
+    return sae.load(path).eval()
+
+
+def model_and_sae(store: AnalysisStore, name: str):
+    """(model, SAE, hook) for one stored SAE, or None after an error message (model or folder unavailable)."""
+    info = store.sae(name)
+    try:
+        return load_lm(info["model"]), load_sae(info["path"]), info["hook"]
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes a message in the page, never a traceback
+        st.error(f"cannot load the model {info['model']!r} or the SAE at {info['path']} for {name}: {exc}")
+        return None

@@ -1,0 +1,116 @@
+"""Feature browser: pick a feature by id or by searching its tokens, and show its card."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import streamlit as st
+
+from dashboard import figures
+from dashboard.data import get_store, model_and_sae, pick_sae
+from experiments.analysis import AnalysisStore, StoreError
+
+
+def shaded_tokens(context: dict[str, Any], scale: float) -> str:
+    """One context as HTML spans, each token's background as strong as its activation relative to `scale`."""
+    spans = []
+    for i, (token, act) in enumerate(zip(context["tokens"], context["acts"], strict=True)):
+        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, act / scale))
+        border = "border-bottom:2px solid #333;" if i == context["centre"] else ""
+        text = html.escape(token).replace("\n", "⏎") or "&nbsp;"
+        spans.append(f'<span title="{act:.3f}" style="background:rgba(255,120,0,{alpha:.2f});{border}'
+                     f'white-space:pre">{text}</span>')
+    value = f"<small>({context['value']:.3f})</small>"
+    return f'<div style="font-family:monospace;margin:2px 0">{"".join(spans)} {value}</div>'
+
+
+def feature_from_text(store: AnalysisStore, sae: str) -> int | None:
+    """A feature among those that fire on a typed text, strongest first (runs the model and the SAE)."""
+    from dashboard.prompt_inspector import InputError, features_on_text
+
+    text = st.text_input("Text to run through the model", key="feature_text")
+    if not text.strip():
+        st.info("Type a text to list the features active on it.")
+        return None
+    loaded = model_and_sae(store, sae)
+    if loaded is None:
+        return None
+    try:
+        _, z = features_on_text(*loaded, text)
+    except InputError as exc:
+        st.error(str(exc))
+        return None
+    peak = z.max(0).values
+    active = sorted((f for f in range(z.shape[1]) if peak[f] > 0), key=lambda f: -float(peak[f]))
+    if not active:
+        st.warning("No feature fires on this text.")
+        return None
+    return st.selectbox(f"{len(active)} feature(s) active on the text", active, key="text_hit",
+                        format_func=lambda f: f"{f} (max {float(peak[f]):.2f})")
+
+
+def choose_feature(store: AnalysisStore, sae: str) -> int | None:
+    """The feature id from the number box, or from a search over top tokens and logit-lens tokens."""
+    how = st.radio("Pick a feature", ["by id", "by token search", "active on a text"], horizontal=True,
+                   key="pick_how")
+    if how == "by id":
+        return int(st.number_input("Feature id", value=0, step=1, key="feature_id"))
+    if how == "active on a text":
+        return feature_from_text(store, sae)
+    query = st.text_input("Token to search for (top contexts and logit-lens tokens)", key="feature_query")
+    if not query.strip():
+        st.info("Type a token, e.g. ' the'.")
+        return None
+    hits = store.search(sae, query)
+    if not hits:
+        st.warning(f"No feature of {sae} has {query!r} among its top or logit-lens tokens.")
+        return None
+    labels = {f: f"{f}: {tokens[:80]}" for f, tokens in hits}
+    return st.selectbox(f"{len(hits)} matching feature(s)", list(labels), format_func=labels.get, key="hit")
+
+
+def feature_card(store: AnalysisStore, sae: str, idx: int) -> None:
+    try:
+        card = store.feature(sae, idx)
+    except StoreError as exc:
+        st.error(str(exc))
+        return
+    info = store.sae(sae)
+    st.subheader(f"{sae} · feature {idx}")
+    a, b, c = st.columns(3)
+    a.metric("Density", f"{card['density']:.3%}")
+    b.metric("Mean activation", f"{card['mean_act']:.3f}")
+    c.metric("Max activation", f"{card['max_act']:.3f}")
+    if card["density"] == 0:
+        st.warning("This feature never fired on the analysed rows (dead).")
+        return
+    st.plotly_chart(figures.activation_histogram(card["histogram"], info["hist_edges"]), width="stretch")
+    st.markdown("**Top activating contexts**")
+    st.html("".join(shaded_tokens(ctx, card["max_act"]) for ctx in card["top_contexts"]))
+    with st.expander("Samples from activation quantiles"):
+        for i, bucket in enumerate(card["quantile_samples"]):
+            st.markdown(f"quantile bucket {i + 1}/{len(card['quantile_samples'])}")
+            st.html("".join(shaded_tokens(ctx, card["max_act"]) for ctx in bucket) or "<i>none</i>")
+    left, right = st.columns(2)
+    if card["logit_top"] is None:
+        left.info("No logit lens: analyse with --model to get it.")
+    else:
+        left.markdown("**Logit lens: promoted**")
+        left.dataframe([{"token": t, "logit": v} for t, v in card["logit_top"]], hide_index=True, width="stretch")
+        right.markdown("**Logit lens: suppressed**")
+        right.dataframe([{"token": t, "logit": v} for t, v in card["logit_bottom"]], hide_index=True,
+                        width="stretch")
+    st.markdown("**Nearest features (decoder cosine)**")
+    st.dataframe([{"feature": f, "cosine": c} for f, c in card["neighbours"]], hide_index=True, width="stretch")
+
+
+def render() -> None:
+    st.title("Feature browser")
+    store = get_store()
+    if store is None:
+        return
+    sae = pick_sae(store)
+    idx = choose_feature(store, sae)
+    if idx is not None:
+        feature_card(store, sae, idx)

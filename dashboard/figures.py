@@ -1,0 +1,54 @@
+"""Plotly figures for the pages; pure functions of store records so they can be tested without Streamlit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+
+def activation_histogram(counts: list[int], edges: list[float]) -> go.Figure:
+    """Counts over the store's shared log-spaced bins; empty outer bins are trimmed."""
+    nonzero = [i for i, c in enumerate(counts) if c]
+    lo, hi = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, len(counts))
+    centres = [float(np.sqrt(edges[i] * edges[i + 1])) for i in range(lo, hi)]
+    fig = go.Figure(go.Bar(x=centres, y=counts[lo:hi], name="activations"))
+    fig.update_layout(xaxis_title="activation", yaxis_title="count", xaxis_type="log", height=260,
+                      margin=dict(l=10, r=10, t=30, b=10), title="Activation histogram (positive values)")
+    return fig
+
+
+def tradeoff(saes: list[dict[str, Any]], metric: str, label: str) -> go.Figure:
+    """L0 against `metric` across SAEs, one labelled point per SAE; SAEs without the metric are left out."""
+    points = [s for s in saes if isinstance(s["metrics"].get(metric), int | float) and "l0" in s["metrics"]]
+    fig = go.Figure(go.Scatter(
+        x=[s["metrics"]["l0"] for s in points], y=[s["metrics"][metric] for s in points],
+        text=[s["name"] for s in points], mode="markers+text", textposition="top center",
+    ))
+    fig.update_layout(xaxis_title="L0", yaxis_title=label, title=f"L0 vs {label}", height=340,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def log_density_histograms(densities: dict[str, np.ndarray]) -> go.Figure:
+    """Overlaid log10-density histograms per SAE; dead features (density 0) are counted apart, not plotted."""
+    fig = go.Figure()
+    for name, dens in densities.items():
+        alive = dens[dens > 0]
+        fig.add_trace(go.Histogram(x=np.log10(alive), name=name, opacity=0.55, xbins=dict(size=0.25)))
+    fig.update_layout(barmode="overlay", xaxis_title="log10 feature density", yaxis_title="features", height=340,
+                      title="Feature density (live features)", margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def dead_over_training(logs: dict[str, list[dict[str, Any]]]) -> go.Figure:
+    """Dead fraction against training step, one line per SAE that has a training log."""
+    fig = go.Figure()
+    for name, log in logs.items():
+        rows = [r for r in log if r["dead_frac"] is not None]
+        fig.add_trace(go.Scatter(x=[r["step"] for r in rows], y=[r["dead_frac"] for r in rows], name=name,
+                                 mode="lines+markers"))
+    fig.update_layout(xaxis_title="step", yaxis_title="dead fraction", title="Dead fraction over training",
+                      height=300, margin=dict(l=10, r=10, t=40, b=10))
+    return fig

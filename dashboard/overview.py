@@ -1,0 +1,32 @@
+"""Overview page: the SAEs in the store and their sparsity / fidelity trade-off."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import figures
+from dashboard.data import get_store
+
+COLUMNS = {"l0": "L0", "fvu": "FVU", "ce_loss_recovered": "CE recovered", "analysis_dead_frac": "dead",
+           "analysis_dense_frac": "dense"}
+
+
+def render() -> None:
+    st.title("Overview")
+    store = get_store()
+    if store is None:
+        return
+    saes = store.saes()
+    st.caption(f"{len(saes)} SAE(s) in {store.path}")
+    table = [
+        {"name": s["name"], "arch": s["arch"], "F": s["n_features"], "k": s["k"], "hook": s["hook"],
+         **{label: s["metrics"].get(key) for key, label in COLUMNS.items()}}
+        for s in saes
+    ]
+    st.dataframe(table, width="stretch", hide_index=True)
+    left, right = st.columns(2)
+    left.plotly_chart(figures.tradeoff(saes, "fvu", "FVU"), width="stretch")
+    if any("ce_loss_recovered" in s["metrics"] for s in saes):
+        right.plotly_chart(figures.tradeoff(saes, "ce_loss_recovered", "CE recovered"), width="stretch")
+    else:
+        right.info("No SAE has CE recovered: evaluate with `saewb eval --model ...` before analysing.")

@@ -1,0 +1,81 @@
+"""Prompt inspector: type text, see which features fire on each token, open one in the feature browser."""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from dashboard.data import get_store, model_and_sae, pick_sae
+
+
+class InputError(ValueError):
+    """Input the page reports as a message: empty text, an SAE that does not fit the model's hook."""
+
+
+def prompt_tokens(model, text: str) -> torch.Tensor:
+    """[1, T] token ids of `text` after the model's BOS, as the cache's contexts start."""
+    if not text.strip():
+        raise InputError("the text is empty: type something to inspect")
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([[model.tokenizer.bos_token_id, *ids]])
+
+
+@torch.no_grad()
+def hook_activations(model, hook: str, tokens: torch.Tensor, d_in: int) -> torch.Tensor:
+    """[T, d] activations at `hook` (BOS included); an InputError when the width is not the SAE's d_in."""
+    if hook not in model.hook_dict:
+        raise InputError(f"the model has no hook {hook!r}")
+    _, cache = model.run_with_cache(tokens, names_filter=[hook])
+    acts = cache[hook][0].reshape(tokens.shape[1], -1).float()
+    if acts.shape[1] != d_in:
+        raise InputError(f"the SAE has d_in={d_in} but the model's {hook} has width {acts.shape[1]}")
+    return acts
+
+
+@torch.no_grad()
+def features_on_text(model, sae_model, hook: str, text: str) -> tuple[list[str], torch.Tensor]:
+    """Token strings and latents [T, F] of `text` (BOS dropped: it is not in the cache either)."""
+    tokens = prompt_tokens(model, text)
+    z = sae_model.encode(hook_activations(model, hook, tokens, sae_model.cfg.d_in))[1:]
+    return [model.tokenizer.decode([t]) for t in tokens[0, 1:].tolist()], z
+
+
+def render() -> None:
+    st.title("Prompt inspector")
+    store = get_store()
+    if store is None:
+        return
+    name = pick_sae(store)
+    text = st.text_area("Text", value="The quick brown fox jumps over the lazy dog.", key="inspect_text")
+    loaded = model_and_sae(store, name)
+    if loaded is None:
+        return
+    model, sae_model, hook = loaded
+    try:
+        tokens, z = features_on_text(model, sae_model, hook, text)
+    except InputError as exc:
+        st.error(str(exc))
+        return
+    top = torch.topk(z, min(3, z.shape[1]), dim=1)
+    rows = [
+        {"position": i, "token": tok, **{f"feature {j + 1}": (f"{f} ({v:.2f})" if v > 0 else "")
+                                          for j, (f, v) in enumerate(zip(fs, vs, strict=True))}}
+        for i, (tok, fs, vs) in enumerate(zip(tokens, top.indices.tolist(), top.values.tolist(), strict=True))
+    ]
+    st.dataframe(rows, hide_index=True, width="stretch")
+    active = torch.nonzero(z.sum(0) > 0).flatten().tolist()
+    if not active:
+        st.info("No feature fires on this text.")
+        return
+    ranked = sorted(active, key=lambda f: -float(z[:, f].max()))
+    choice = st.selectbox("Features active on this text (strongest first)", ranked, key="inspect_pick",
+                          format_func=lambda f: f"{f} (max {float(z[:, f].max()):.2f})")
+    from dashboard.features import feature_card
+
+    feature_card(store, name, int(choice))
+    if st.button("Open in the feature browser", key="inspect_open"):
+        st.session_state["feature_id"] = int(choice)
+        st.session_state["pick_how"] = "by id"
+        from dashboard.navigation import pages
+
+        st.switch_page(pages()["features"])

@@ -1,0 +1,207 @@
+"""The analysis store against brute force: a full encode of every row, then sorts and counts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.analysis import HIST_EDGES, AnalysisError, AnalysisStore, StoreError, analyze
+from tests.conftest import FAKE_CACHE_HOOK, write_cache
+
+D_IN, N_FEATURES, K, SHARD_ROWS, N_SHARDS = 32, 32, 4, 64, 3
+
+
+def make_sae(path, d_in: int = D_IN, arch: str = "topk", seed: int = 0, model_name: str = "synthetic"):
+    """A randomly initialised (untrained) SAE is enough: the analysis only needs a fixed encode."""
+    import sae
+
+    model = sae.get_architecture(arch)(sae.SAEConfig(arch=arch, d_in=d_in, n_features=N_FEATURES, k=K,
+                                                     normalization="none"), seed=seed)
+    model.metadata = {"hook_name": FAKE_CACHE_HOOK, "model_name": model_name}
+    model.save(path)
+    return model
+
+
+def make_cache(path, seed: int = 0, d_in: int = D_IN):
+    """3 contexts of 64 rows after a BOS; token ids 4..101 (the char tokenizer's characters)."""
+    gen = torch.Generator().manual_seed(seed)
+    acts = torch.randn(SHARD_ROWS * N_SHARDS, d_in, generator=gen)
+    write_cache(path, acts, shard_rows=SHARD_ROWS)
+    tokens = np.random.default_rng(seed).integers(4, 102, size=(N_SHARDS, SHARD_ROWS + 1)).astype(np.int32)
+    tokens[:, 0] = 0  # bos_token_id of write_cache's manifest
+    np.save(path / "tokens.npy", tokens)
+    return acts, tokens
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    acts, tokens = make_cache(root / "cache")
+    model = make_sae(root / "sae-topk")
+    (root / "sae-topk" / "train_log.jsonl").write_text(
+        "\n".join(json.dumps({"step": s, "dead_frac": d, "l0": 4.0, "fvu": 0.5}) for s, d in [(10, 0.5), (20, 0.25)])
+    )
+    (root / "sae-topk" / "eval.json").write_text(json.dumps({"l0": 4.0, "fvu": 0.3, "density": [0.1] * 32}))
+    path = analyze(root / "sae-topk", root / "cache", out=root / "store", top_n=5, window=3, batch_size=50,
+                   progress=False)
+    with torch.no_grad():
+        z = model.encode(acts)
+    return {"root": root, "path": path, "z": z, "tokens": tokens, "store": AnalysisStore(root / "store")}
+
+
+def test_top_contexts_match_brute_force(built):
+    store, z = built["store"], built["z"]
+    for f in range(N_FEATURES):
+        card = store.feature("sae-topk", f)
+        col = z[:, f]
+        want = torch.argsort(col, descending=True, stable=True)[:5]
+        want = [r for r in want.tolist() if col[r] > 0]
+        assert [c["row"] for c in card["top_contexts"]] == want
+        for c in card["top_contexts"]:
+            assert c["value"] == pytest.approx(float(col[c["row"]]), abs=1e-4)
+            assert c["acts"][c["centre"]] == pytest.approx(c["value"], abs=1e-4)
+
+
+def test_context_window_tokens_and_activations(built):
+    store, z, tokens = built["store"], built["z"], built["tokens"]
+    card = store.feature("sae-topk", 3)
+    c = card["top_contexts"][0]
+    ctx, pos = divmod(c["row"], SHARD_ROWS)
+    pos += 1  # the BOS sits at position 0 of every context
+    lo = max(0, pos - 3)
+    hi = min(SHARD_ROWS + 1, pos + 4)
+    assert c["tokens"] == [f"<{t}>" for t in tokens[ctx, lo:hi]]  # no model: token ids as strings
+    want = [0.0 if p == 0 else float(z[ctx * SHARD_ROWS + p - 1, 3]) for p in range(lo, hi)]
+    assert c["acts"] == pytest.approx(want, abs=1e-4)
+
+
+def test_density_mean_max_histogram(built):
+    store, z = built["store"], built["z"]
+    active = z > 0
+    assert store.densities("sae-topk") == pytest.approx((active.double().mean(0)).numpy())
+    for f in (0, 7, 31):
+        card = store.feature("sae-topk", f)
+        n = int(active[:, f].sum())
+        assert sum(card["histogram"]) == n
+        assert len(card["histogram"]) == len(HIST_EDGES) - 1
+        assert card["max_act"] == pytest.approx(float(z[:, f].max()), abs=1e-5)
+        if n:
+            assert card["mean_act"] == pytest.approx(float(z[active[:, f], f].mean()), rel=1e-5)
+            values = z[active[:, f], f].numpy()
+            want = np.histogram(np.clip(values, HIST_EDGES[0], HIST_EDGES[-1]), HIST_EDGES)[0]
+            assert card["histogram"] == want.tolist()
+    dead = [f for f in range(N_FEATURES) if not active[:, f].any()]
+    assert store.dead_features("sae-topk") == dead
+
+
+def test_quantile_samples_are_real_activations(built):
+    store, z = built["store"], built["z"]
+    card = store.feature("sae-topk", 0)
+    samples = [s for bucket in card["quantile_samples"] for s in bucket]
+    assert 0 < len(samples) <= 4 * 3
+    for s in samples:
+        assert s["value"] == pytest.approx(float(z[s["row"], 0]), abs=1e-4) and s["value"] > 0
+    flat = [s["value"] for s in samples]
+    assert flat == sorted(flat)  # buckets run from low to high activations
+
+
+def test_neighbours_training_log_and_summary(built):
+    store = built["store"]
+    model_w = torch.nn.functional.normalize(store_sae_weights(built["root"] / "sae-topk"), dim=1)
+    cos = model_w @ model_w.T
+    cos.fill_diagonal_(-2)
+    card = store.feature("sae-topk", 2)
+    assert [n[0] for n in card["neighbours"]] == torch.topk(cos[2], 10).indices.tolist()
+    assert store.training_log("sae-topk") == [
+        {"step": 10, "dead_frac": 0.5, "l0": 4.0, "fvu": 0.5}, {"step": 20, "dead_frac": 0.25, "l0": 4.0, "fvu": 0.5}
+    ]
+    (info,) = store.saes()
+    assert (info["arch"], info["n_features"], info["k"], info["n_rows"]) == ("topk", 32, 4, SHARD_ROWS * N_SHARDS)
+    assert info["metrics"]["fvu"] == 0.3 and "density" not in info["metrics"]
+    assert card["logit_top"] is None  # no model given
+    start = time.perf_counter()
+    store.feature("sae-topk", 5)
+    print(f"feature load: {(time.perf_counter() - start) * 1e3:.2f} ms")
+
+
+def store_sae_weights(path):
+    import sae
+
+    return sae.load(path).W_dec.detach().float()
+
+
+def test_second_sae_is_added_and_replaced(built, tmp_path):
+    root = built["root"]
+    store_dir = tmp_path / "store"
+    analyze(root / "sae-topk", root / "cache", out=store_dir, top_n=2, progress=False)
+    make_sae(tmp_path / "other", seed=1)
+    analyze(tmp_path / "other", root / "cache", out=store_dir, top_n=2, progress=False)
+    analyze(tmp_path / "other", root / "cache", out=store_dir, top_n=3, progress=False)
+    store = AnalysisStore(store_dir)
+    assert [s["name"] for s in store.saes()] == ["other", "sae-topk"]
+    assert len(store.feature("sae-topk", 0)["top_contexts"]) <= 2
+    assert len(store.feature("other", 0)["top_contexts"]) == 3
+    assert list(store_dir.iterdir()) == [store_dir / "store.sqlite"]  # no temp files left behind
+
+
+def test_logit_lens_and_token_strings_with_tiny_model(built, tiny_model, tmp_path):
+    root = built["root"]
+    analyze(root / "sae-topk", root / "cache", model=tiny_model, out=tmp_path, hook=None, top_n=3, progress=False)
+    card = AnalysisStore(tmp_path).feature("sae-topk", 4)
+    logits = store_sae_weights(root / "sae-topk")[4] @ tiny_model.W_U.float()
+    want = torch.topk(logits, 10)
+    assert [v for _, v in card["logit_top"]] == pytest.approx(want.values.tolist(), abs=1e-3)
+    assert [t for t, _ in card["logit_top"]] == [tiny_model.tokenizer.decode([i]) for i in want.indices.tolist()]
+    assert [v for _, v in card["logit_bottom"]] == pytest.approx(torch.topk(-logits, 10).values.neg().tolist(),
+                                                                  abs=1e-3)
+    tokens = card["top_contexts"][0]["tokens"]
+    assert all(len(t) <= 5 for t in tokens) and not any(t.startswith("<") and t[1:-1].isdigit() for t in tokens)
+
+
+def test_bad_inputs_are_value_errors(built, tmp_path):
+    root = built["root"]
+    with pytest.raises(AnalysisError, match="does not exist"):
+        analyze(tmp_path / "missing", root / "cache", out=tmp_path / "s", progress=False)
+    make_sae(tmp_path / "wide", d_in=16)
+    with pytest.raises(AnalysisError, match="width 32 .* d_in=16"):
+        analyze(tmp_path / "wide", root / "cache", out=tmp_path / "s", progress=False)
+    with pytest.raises(AnalysisError, match="not an activation cache"):
+        analyze(root / "sae-topk", tmp_path, out=tmp_path / "s", progress=False)
+    with pytest.raises(AnalysisError, match="hook 'blocks.9.hook_z' is not in cache"):
+        analyze(root / "sae-topk", root / "cache", hook="blocks.9.hook_z", out=tmp_path / "s", progress=False)
+    assert issubclass(AnalysisError, ValueError)
+    with pytest.raises(StoreError, match="saewb analyze"):
+        AnalysisStore(tmp_path / "nowhere")
+    with pytest.raises(StoreError, match="out of range: sae-topk has features 0..31"):
+        built["store"].feature("sae-topk", 32)
+
+
+def test_search_finds_features_by_top_token(built):
+    store = built["store"]
+    card = store.feature("sae-topk", 1)
+    token = card["top_contexts"][0]["tokens"][card["top_contexts"][0]["centre"]]
+    hits = [f for f, _ in store.search("sae-topk", token)]
+    assert 1 in hits
+    assert store.search("sae-topk", "no-such-token") == []
+
+
+def test_cli_parser_builds_a_store(built, tmp_path, capsys):
+    import argparse
+
+    from experiments.analysis import add_analyze_parser
+
+    parser = argparse.ArgumentParser(prog="saewb")
+    add_analyze_parser(parser.add_subparsers(dest="command"))
+    root = built["root"]
+    args = parser.parse_args(["analyze", "--sae", str(root / "sae-topk"), "--activations", str(root / "cache"),
+                              "--out", str(tmp_path / "cli-store"), "--top-n", "2", "--quiet", "--name", "cli"])
+    assert args.model == "auto"
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "cannot load 'synthetic'" in out and f"saewb dashboard --store {tmp_path / 'cli-store'}" in out
+    card = AnalysisStore(tmp_path / "cli-store").feature("cli", 0)
+    assert len(card["top_contexts"]) <= 2 and card["logit_top"] is None
