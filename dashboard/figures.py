@@ -28,6 +28,10 @@ def tradeoff(saes: list[dict[str, Any]], metric: str, label: str) -> go.Figure:
     ))
     fig.update_layout(xaxis_title="L0", yaxis_title=label, title=f"L0 vs {label}", height=340,
                       margin=dict(l=10, r=10, t=40, b=10))
+    xs = [s["metrics"]["l0"] for s in points]
+    if xs:  # room on both sides so the labels of the outermost points are not cut off
+        pad = max(0.15 * (max(xs) - min(xs)), 1.0)
+        fig.update_xaxes(range=[min(xs) - pad, max(xs) + pad])
     return fig
 
 
