@@ -13,12 +13,10 @@ from experiments.arguments import add_dataclass_arguments, dataclass_from_args
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, printed as one line instead of a traceback."""
     from activations import CacheError, CorpusError, HookError, ModelLoadError
-
-    errors: list[type[BaseException]] = [CacheError, CorpusError, HookError, ModelLoadError]
     from experiments.analysis import AnalysisError, StoreError
     from sae.errors import SAEError
 
-    return (*errors, SAEError, AnalysisError, StoreError)
+    return (CacheError, CorpusError, HookError, ModelLoadError, SAEError, AnalysisError, StoreError)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -38,13 +36,8 @@ def _train_parser_options(parser: argparse.ArgumentParser) -> None:
     advanced = parser.add_argument_group(
         "SAE and trainer options (see ALGORITHMS.md; 'our choice' marks design choices)"
     )
-    add_dataclass_arguments(advanced, SAEConfig, skip=tuple(RESERVED), defaults=_none_defaults(SAEConfig))
-    add_dataclass_arguments(
-        advanced,
-        TrainConfig,
-        skip=tuple(RESERVED),
-        defaults=_none_defaults(TrainConfig),
-    )
+    for cls in (SAEConfig, TrainConfig):
+        add_dataclass_arguments(advanced, cls, skip=tuple(RESERVED), defaults=_none_defaults(cls))
 
 
 def _none_defaults(cls) -> dict:
@@ -110,7 +103,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         max_rows=args.max_rows,
         hook=args.hook,
-        progress=not args.json,
     )
     if args.json:
         print(json.dumps(result))

@@ -98,7 +98,6 @@ def evaluate_sae(
     tokens: int = 8192,
     max_rows: int = 262_144,
     hook: str | None = None,
-    progress: bool = True,
 ) -> dict:
     """The `saewb eval` report: reconstruction metrics on the cache, plus CE/KL when a model is given."""
     import activations
