@@ -26,7 +26,7 @@ DEMO_HOOK = "blocks.6.hook_resid_post"
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo; the defaults take about 7 minutes on 2 CPU cores after setup."""
+    """Sizes of the demo; the defaults take about 8.5 minutes on 2 CPU cores after setup."""
 
     out: str = "runs/demo"
     "Folder for the caches, the trained SAEs and the comparison."
