@@ -123,10 +123,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
 @torch.no_grad()
 def _generate(model, tokens: torch.Tensor, hooks, n_rows: int, max_new_tokens: int, temperature: float,
-              top_p: float, seed: int, offset: list[int]) -> list[list[int]]:
+              top_p: float, seed: int, offset: list[int], on_token=None) -> list[list[int]]:
     """Sample `n_rows` continuations in one batch with a KV cache (on CPU a step's cost is mostly per call);
     each row has its own generator with the same seed, so rows differ only by their steering.
-    `offset[0]` tells the steering hook the absolute position of the tokens fed at each step."""
+    `offset[0]` tells the steering hook the absolute position of the tokens fed at each step; `on_token(i, n)`
+    is called after each of the n steps (the page's progress bar: generation is slow on a CPU)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
@@ -136,7 +137,9 @@ def _generate(model, tokens: torch.Tensor, hooks, n_rows: int, max_new_tokens: i
     eos = model.tokenizer.eos_token_id
     done = [False] * n_rows
     new: list[list[int]] = [[] for _ in range(n_rows)]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        if on_token is not None:
+            on_token(step, max_new_tokens)
         logits = model.run_with_hooks(feed, fwd_hooks=hooks, past_kv_cache=kv)[:, -1].float()
         offset[0] += feed.shape[1]
         nxt = [eos if done[r] else _sample(logits[r], temperature, top_p, generators[r]) for r in range(n_rows)]
@@ -152,7 +155,7 @@ def _generate(model, tokens: torch.Tensor, hooks, n_rows: int, max_new_tokens: i
 
 def steer_generate(model, sae_model, hook: str, features: list[int], values: list[list[float]], prompt: str,
                    positions: str = "all", mode: str = "add", max_new_tokens: int = 12, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0) -> SteeringResult:
+                   top_p: float = 1.0, seed: int = 0, on_token=None) -> SteeringResult:
     """The baseline and one steered continuation of `prompt` per row of `values`, all from the same seed."""
     if positions not in POSITIONS or mode not in MODES:
         raise SteeringError(f"positions must be one of {POSITIONS} and mode one of {MODES}")
@@ -179,7 +182,8 @@ def steer_generate(model, sae_model, hook: str, features: list[int], values: lis
     rows = torch.tensor([[float("nan")] * len(features), *values], dtype=torch.float32)  # row 0: the baseline
     hooks = [(hook, steering_hook(sae_model, features, rows, directions, mode, mask_of))]
     texts = [model.tokenizer.decode(ids) for ids in
-             _generate(model, tokens, hooks, rows.shape[0], max_new_tokens, temperature, top_p, seed, offset)]
+             _generate(model, tokens, hooks, rows.shape[0], max_new_tokens, temperature, top_p, seed, offset,
+                       on_token)]
     return SteeringResult(texts[0], texts[1:])
 
 
@@ -221,11 +225,19 @@ def render() -> None:
     settings = dict(positions=positions, mode=mode, max_new_tokens=int(max_new), temperature=float(temperature),
                     top_p=float(top_p), seed=int(seed))
     sweep_rows = [[c, *values[1:]] for c in sweep]
+    bar = st.progress(0.0, text="generating ...")
+
+    def on_token(step: int, total: int) -> None:
+        bar.progress(step / total, text=f"generating token {step + 1} of {total} ({len(sweep_rows) + 2} rows)")
+
     try:
-        result = steer_generate(model, sae_model, hook, features, [values, *sweep_rows], prompt, **settings)
+        result = steer_generate(model, sae_model, hook, features, [values, *sweep_rows], prompt, **settings,
+                                on_token=on_token)
     except InputError as exc:
+        bar.empty()
         st.error(str(exc))
         return
+    bar.empty()
     rows = [{"coefficient": c, "steered": text} for c, text in zip(sweep, result.steered[1:], strict=True)]
     a, b = st.columns(2)
     a.markdown("**Baseline**")

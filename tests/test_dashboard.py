@@ -222,7 +222,10 @@ def test_steering_api(live_store, hf_model):
     args = dict(prompt="the old king", max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)
     zero = steering.steer_generate(hf_model, model_sae, hook, [0, 5], [[0.0, 0.0], [40.0, 0.0]], **args)
     assert zero.steered[0] == zero.baseline and len(zero.baseline) > 0
-    alone = steering.steer_generate(hf_model, model_sae, hook, [0], [[40.0]], **args)
+    ticks = []
+    alone = steering.steer_generate(hf_model, model_sae, hook, [0], [[40.0]], **args,
+                                    on_token=lambda i, n: ticks.append((i, n)))
+    assert ticks[0] == (0, 6) and [i for i, _ in ticks] == list(range(len(ticks))) and len(ticks) <= 6
     assert alone.baseline == zero.baseline  # the same seed gives the same baseline
     assert alone.steered[0] == zero.steered[1]  # and a row's result does not depend on its batch neighbours
     strong = steering.steer_generate(hf_model, model_sae, hook, [0], [[40.0]], **{**args, "temperature": 0.0})
