@@ -64,10 +64,12 @@ def page():
         browser.close()
 
 
-def open_page(page, url: str, path: str, title: str, plots: int) -> str:
-    """Go to a page, wait for its title (a fresh server's first load can be blank) and its plots."""
+def open_page(page, url: str, path: str, title: str, plots: int, last_button: str | None = None) -> str:
+    """Go to a page, wait for its title (a fresh server's first load can be blank), its plots and its last button."""
     page.goto(f"{url}/{path}")  # the default page (overview) lives at "/"
     page.get_by_role("heading", name=title).first.wait_for(timeout=90_000)
+    if last_button:
+        page.get_by_role("button", name=last_button).first.wait_for(timeout=180_000)
     if plots:
         page.locator(".js-plotly-plot").nth(plots - 1).wait_for(timeout=90_000)
     page.wait_for_timeout(1500)  # let plotly finish drawing before the screenshot
@@ -95,5 +97,7 @@ def test_dead_features(server, page):
 
 
 def test_prompt_inspector_and_steering_render(server, page):
-    assert "Prompt inspector" in open_page(page, server, "inspect", "Prompt inspector", plots=0)
-    assert "Steering" in open_page(page, server, "steering", "Steering", plots=0)
+    inspector = open_page(page, server, "inspect", "Prompt inspector", 0, last_button="Open in the feature browser")
+    assert "Prompt inspector" in inspector
+    steering = open_page(page, server, "steering", "Steering", plots=0, last_button="Generate")
+    assert "Intervention" in steering and "Positions" in steering
