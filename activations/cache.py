@@ -210,7 +210,7 @@ def _verify_listed_shards(out: Path, manifest: dict) -> list[int]:
         for kinds in shard["files"].values():
             for info in kinds.values():
                 path = out / info["path"]
-                if not path.exists() or _sha256_file(path) != info["sha256"]:
+                if not path.exists() or sha256_file(path) != info["sha256"]:
                     bad.append(shard["index"])
     if bad:
         manifest["shards"] = [s for s in manifest["shards"] if s["index"] not in bad]
@@ -218,7 +218,7 @@ def _verify_listed_shards(out: Path, manifest: dict) -> list[int]:
     return sorted(set(bad))
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
@@ -349,7 +349,7 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
     if existing is not None:
         manifest = existing
         tokens = np.load(out / "tokens.npy")
-        if _sha256_file(out / "tokens.npy") != manifest["tokens_sha256"]:
+        if sha256_file(out / "tokens.npy") != manifest["tokens_sha256"]:
             raise CacheError(f"{out / 'tokens.npy'} fails its checksum; delete {out} to rebuild the cache")
     else:
         t0 = time.perf_counter()
@@ -366,7 +366,7 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
             "d_in": {s.name: s.d_in for s in specs},
             "bos_token_id": bos_id,
             "tokenizer": type(tokenizer).__name__,
-            "tokens_sha256": _sha256_file(out / "tokens.npy"),
+            "tokens_sha256": sha256_file(out / "tokens.npy"),
             "n_shards": -(-n_contexts // shard_contexts),
             "shards": [],
             "complete": False,

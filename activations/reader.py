@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from activations.cache import FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError
+from activations.cache import FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError, sha256_file
 from activations.shuffle import mixing_buffer
 
 CHUNK_ROWS = 8192
@@ -82,11 +81,7 @@ class ActivationCache:
         if not path.exists():
             raise CacheError(f"shard file {path} is missing; rerun the same `saewb cache` command to recompute it")
         if self.verify and info["path"] not in self._verified:
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    digest.update(chunk)
-            if digest.hexdigest() != info["sha256"]:
+            if sha256_file(path) != info["sha256"]:
                 raise CacheError(
                     f"shard {path} is corrupted (sha256 mismatch); rerun the same `saewb cache` command to recompute it"
                 )

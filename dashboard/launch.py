@@ -18,20 +18,26 @@ def dashboard_command(store: str, port: int, address: str) -> list[str]:
             str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--store", store]
 
 
+def serve(store: str, port: int, address: str = "127.0.0.1") -> int:
+    """Run the app in the foreground until Ctrl-C (which is a normal way to stop it, not an error)."""
+    try:
+        return subprocess.call(dashboard_command(store, port, address))
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     print(f"sae-workbench dashboard on http://{args.address}:{args.port} (store: {args.store}); Ctrl-C stops it",
           flush=True)
-    try:
-        return subprocess.call(dashboard_command(args.store, args.port, args.address))
-    except KeyboardInterrupt:
-        return 0
+    return serve(args.store, args.port, args.address)
 
 
 def add_dashboard_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "dashboard",
         help="browse the analysis store in a local Streamlit app",
-        description="Start the Streamlit dashboard (Overview, Feature browser, Dead features) over a store built by "
+        description="Start the Streamlit dashboard (Overview, Feature browser, Dead features, Prompt inspector, "
+        "Steering) over a store built by "
         "`saewb analyze`. It listens on 127.0.0.1 only unless --address says otherwise.",
     )
     parser.add_argument("--store", default=DEFAULT_STORE, help=f"store folder (default: {DEFAULT_STORE})")

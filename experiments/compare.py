@@ -75,11 +75,9 @@ def plan_runs(base: RunConfig, grads_activations: str | None) -> list[tuple[str,
 def run_comparison(runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int, log_fn=None) -> list[dict[str, Any]]:
     """Train (or reuse a finished run), evaluate, and add CE/KL with the model (a name, an object or None)."""
     import numpy as np
-    import torch
 
     import activations
-    from activations.hooks import resolve_hooks
-    from experiments.evaluation import model_in_the_loop
+    from experiments.evaluation import sae_in_the_loop
 
     if isinstance(model, str):
         model = activations.load_model(model)
@@ -126,14 +124,9 @@ def run_comparison(runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int
         if model is not None:
             if "ce_loss_recovered" not in metrics:
                 cache = activations.load_cache(cfg.eval_activations or cfg.activations)
-                spec = resolve_hooks(model, [cfg.hook or cache.hooks[0]])[0]
                 n_ctx = max(1, -(-ce_tokens // int(cache.manifest["context"])))
                 tokens = np.asarray(cache.tokens[:n_ctx])
-
-                def reconstruct(x: torch.Tensor, sae=trained) -> torch.Tensor:
-                    return sae(x)
-
-                metrics.update(model_in_the_loop(model, spec, reconstruct, tokens, int(model.tokenizer.bos_token_id)))
+                metrics.update(sae_in_the_loop(model, trained, cfg.hook or cache.hooks[0], tokens))
                 atomic_write_json(eval_path, json_safe(metrics))
             row.update(
                 {

@@ -9,7 +9,6 @@ compared against a TopK trained on the same rows for the same number of steps).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -114,10 +113,7 @@ def serve_dashboard(cfg: DemoConfig, store: Path, say) -> None:
     if not cfg.dashboard or scripted:
         say(f"done. Browse the features with: {command}")
         return
-    from dashboard.launch import dashboard_command
+    from dashboard.launch import serve
 
     say(f"done. Dashboard on http://127.0.0.1:{cfg.port} (Ctrl-C stops it; later: {command})")
-    try:
-        subprocess.call(dashboard_command(str(store), cfg.port, "127.0.0.1"))
-    except KeyboardInterrupt:
-        pass
+    serve(str(store), cfg.port)

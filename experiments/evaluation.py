@@ -84,6 +84,23 @@ def model_in_the_loop(
     }
 
 
+def sae_in_the_loop(model, sae_model, hook: str, token_ids: np.ndarray) -> dict[str, float]:
+    """model_in_the_loop with an SAE's reconstruction, after checking it fits the model's hook."""
+    from activations.hooks import resolve_hooks
+    from sae.errors import SAEDataError
+
+    spec = resolve_hooks(model, [hook])[0]
+    if spec.d_in != sae_model.cfg.d_in:
+        raise SAEDataError(
+            f"the SAE has d_in={sae_model.cfg.d_in} but {model.cfg.model_name} has width {spec.d_in} at {hook}"
+        )
+
+    def reconstruct(rows: torch.Tensor) -> torch.Tensor:
+        return sae_model(rows).to(rows.dtype)
+
+    return model_in_the_loop(model, spec, reconstruct, token_ids, int(model.tokenizer.bos_token_id))
+
+
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
     """(CE_zero − CE_sae) / (CE_zero − CE_clean): 1 for a perfect splice, 0 for one as bad as zeroing."""
     gap = ce_zero - ce_clean
@@ -103,7 +120,7 @@ def evaluate_sae(
     import activations
     import sae as sae_lib
     from activations.cache import CacheConfig, make_tokens
-    from activations.hooks import resolve_hooks
+    from experiments.training import cache_eval_batches
 
     model_sae = sae_lib.load(sae_dir)
     cache = activations.load_cache(activations_dir)
@@ -116,10 +133,7 @@ def evaluate_sae(
             f"the SAE has d_in={model_sae.cfg.d_in} but {activations_dir} has width {d_cache} at {hook}"
         )
     n = min(max_rows, cache.n_tokens)
-    x = cache.rows(0, n, hook=hook)
-    grads = cache.rows(0, n, hook=hook, kind="grads") if cache.has_grads and model_sae.needs_grads else None
-    step = 4096
-    batches = [x[i : i + step] if grads is None else (x[i : i + step], grads[i : i + step]) for i in range(0, n, step)]
+    batches = cache_eval_batches(cache, hook, n, cache.has_grads and model_sae.needs_grads)
     metrics = sae_lib.evaluate(model_sae, batches)
     result = {
         "l0": metrics["l0"],
@@ -140,12 +154,6 @@ def evaluate_sae(
     }
     if model_name:
         model = activations.load_model(model_name)
-        spec = next(s for s in resolve_hooks(model, [hook]))
-        if spec.d_in != model_sae.cfg.d_in:
-            raise sae_lib.SAEDataError(
-                f"the SAE has d_in={model_sae.cfg.d_in} but {model_name} has width {spec.d_in} at {hook}"
-            )
-        bos = int(model.tokenizer.bos_token_id)
         context = int(cache.manifest["context"])
         n_ctx = max(1, -(-tokens // context))
         if dataset:
@@ -158,12 +166,8 @@ def evaluate_sae(
                 context=context,
                 seed=int(cache.manifest["seed"]),
             )
-            token_ids = make_tokens(cfg, model.tokenizer, bos, n_ctx)
+            token_ids = make_tokens(cfg, model.tokenizer, int(model.tokenizer.bos_token_id), n_ctx)
         else:
             token_ids = np.asarray(cache.tokens[:n_ctx])
-
-        def reconstruct(rows: torch.Tensor) -> torch.Tensor:
-            return model_sae(rows).to(rows.dtype)
-
-        result.update(model_in_the_loop(model, spec, reconstruct, token_ids, bos))
+        result.update(sae_in_the_loop(model, model_sae, hook, token_ids))
     return result

@@ -171,6 +171,15 @@ def cache_metadata(cache, hook: str) -> dict[str, Any]:
     }
 
 
+def cache_eval_batches(cache, hook: str | None, n: int, with_grads: bool, step: int = 4096) -> list[Any]:
+    """The first ``n`` rows of a cache as evaluation batches: tensors, or (acts, grads) pairs for g-SAE."""
+    x = cache.rows(0, n, hook=hook)
+    if not with_grads:
+        return [x[i : i + step] for i in range(0, n, step)]
+    grads = cache.rows(0, n, hook=hook, kind="grads")
+    return [(x[i : i + step], grads[i : i + step]) for i in range(0, n, step)]
+
+
 def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
     """Metrics on the eval cache (first ``eval_tokens`` rows), in the original activation space."""
     import activations
@@ -178,9 +187,7 @@ def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
     source = cfg.eval_activations or cfg.activations
     cache = activations.load_cache(source)
     n = min(cfg.eval_tokens, cache.n_tokens)
-    x = cache.rows(0, n, hook=cfg.hook)
-    grads = cache.rows(0, n, hook=cfg.hook, kind="grads") if cache.has_grads and model.needs_grads else None
-    batches = [x[i : i + 4096] if grads is None else (x[i : i + 4096], grads[i : i + 4096]) for i in range(0, n, 4096)]
+    batches = cache_eval_batches(cache, cfg.hook, n, cache.has_grads and model.needs_grads)
     metrics = sae_lib.evaluate(model, batches)
     metrics.update({"eval_source": source, "eval_rows": n, "in_sample": cfg.eval_activations is None})
     if model.cfg.arch in ("mutual_choice", "feature_choice"):
