@@ -117,14 +117,21 @@ class ActivationCache:
             return torch.empty(0, self.manifest["d_in"][self._hook(hook)])
         return torch.cat(out)
 
-    def _chunks(self, hook: str, order: list[int], with_grads: bool) -> Iterator[torch.Tensor]:
+    def _chunks(
+        self, hook: str, order: list[int], with_grads: bool, rank: int = 0, world_size: int = 1
+    ) -> Iterator[torch.Tensor]:
+        """Row chunks of the shards in `order`; with world_size W, rank r reads the r-th W-th of each chunk."""
         for index in order:
             acts = self.shard_arrays(index, hook, "acts")
             grads = self.shard_arrays(index, hook, "grads") if with_grads else None
-            for lo in range(0, acts.shape[0], CHUNK_ROWS):
-                chunk = self._as_float(acts[lo : lo + CHUNK_ROWS])
+            for start in range(0, acts.shape[0], CHUNK_ROWS):
+                n = min(CHUNK_ROWS, acts.shape[0] - start)
+                lo, hi = start + n * rank // world_size, start + n * (rank + 1) // world_size
+                if lo == hi:
+                    continue
+                chunk = self._as_float(acts[lo:hi])
                 if grads is not None:
-                    chunk = torch.cat([chunk, self._as_float(grads[lo : lo + CHUNK_ROWS])], dim=1)
+                    chunk = torch.cat([chunk, self._as_float(grads[lo:hi])], dim=1)
                 yield chunk
 
     def iter_batches(
@@ -135,12 +142,19 @@ class ActivationCache:
         hook: str | None = None,
         buffer_rows: int = 262_144,
         with_grads: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """One pass over every row: float32 ``[B, d]`` batches, or ``(acts, grads)`` when the cache has grads.
 
         Shuffling permutes the shard order and mixes rows through a ``buffer_rows`` buffer, so memory
-        stays bounded whatever the cache size; the same seed gives the same batches.
+        stays bounded whatever the cache size; the same seed gives the same batches. With
+        ``world_size`` W > 1 the pass covers only rank ``rank``'s 1/W of every ``CHUNK_ROWS``-row chunk
+        (data-parallel training: each rank reads its own disjoint, equal share).
         """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) and world_size >= 1; got rank={rank}, "
+                             f"world_size={world_size}")
         hook = self._hook(hook)
         want_grads = self.has_grads if with_grads is None else with_grads
         if want_grads and not self.has_grads:
@@ -150,7 +164,8 @@ class ActivationCache:
         if generator is not None:
             order = torch.randperm(len(order), generator=generator).tolist()
         width = self.manifest["d_in"][hook]
-        for batch in mixing_buffer(self._chunks(hook, order, want_grads), batch_size, buffer_rows, generator):
+        chunks = self._chunks(hook, order, want_grads, rank, world_size)
+        for batch in mixing_buffer(chunks, batch_size, buffer_rows, generator):
             yield (batch[:, :width], batch[:, width:]) if want_grads else batch
 
     # -- tokens and contexts -------------------------------------------------------------------

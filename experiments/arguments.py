@@ -48,7 +48,7 @@ def add_dataclass_arguments(
         else:
             default = None
         shown = "" if f.name in required or default is None else f" (default: {default})"
-        help_text = helps[f.name] + shown
+        help_text = (helps[f.name] + shown).replace("%", "%%")  # argparse %-formats help strings
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif is_list:

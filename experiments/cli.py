@@ -71,8 +71,11 @@ def train_with_logging(cfg) -> int:
     import dataclasses
     import json
 
-    from experiments.training import train_run
+    from experiments.training import is_main_process, train_run
 
+    if not is_main_process():  # a data-parallel rank other than 0: train only, rank 0 reports
+        train_run(cfg)
+        return 0
     if cfg.wandb:
         from experiments.wandb_logging import WandbRun, make_log_fn
 

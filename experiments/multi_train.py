@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from experiments.training import (
     open_run_data,
     prepare_run,
 )
-from sae.batches import BatchStream, make_stream
+from sae.batches import BatchStream, make_stream, prefetch
 from sae.config import TrainConfig
 from sae.trainer import LogFn, Trainer, TrainLogger
 
@@ -114,7 +115,9 @@ def train_together(trainers: Sequence[Trainer], stream: BatchStream) -> None:
         for t, bar in zip(trainers, [first.cfg.progress] + [False] * (len(trainers) - 1), strict=True)
     ]
     last: list[dict[str, float]] = [{} for _ in trainers]
-    batches = stream.batches(start=first.step)
+    batches = islice(stream.batches(start=first.step), first.total_steps - first.step)
+    if first.cfg.prefetch_batches:
+        batches = prefetch(batches, first.cfg.prefetch_batches)
     try:
         for step in range(first.step, first.total_steps):
             batch = next(batches, None)

@@ -1,8 +1,14 @@
-"""``python -m experiments.train --config experiments/configs/NAME.yaml``: one training run from a YAML file."""
+"""``python -m experiments.train --config experiments/configs/NAME.yaml``: one training run from a YAML file.
+
+Under ``torchrun --nproc-per-node N -m experiments.train ...`` the run is data-parallel over N ranks
+(gloo on CPU, NCCL when CUDA is available): each rank reads its own share of the cache, and rank 0
+alone writes checkpoints, the log, W&B, the SAE and eval.json (see sae/distributed.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from experiments.cli import run_user_command
@@ -13,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m experiments.train",
         description="Train one SAE from a YAML RunConfig (see experiments/configs/). Keys are RunConfig fields "
         "(activations, arch, n_features, k, out, total_tokens, batch_size, lr, seed, eval_activations, wandb...) "
-        "or any SAEConfig/TrainConfig field (aux_loss, fc_capacity, grad_beta, ...).",
+        "or any SAEConfig/TrainConfig field (aux_loss, fc_capacity, grad_beta, ...). Data-parallel: "
+        "`torchrun --nproc-per-node N -m experiments.train --config ...` (batch_size is the global batch, "
+        "a multiple of N; each rank reads its own share of the cache; rank 0 writes every output). "
+        "Multi-node: add torchrun's --nnodes, --node-rank and --rdzv-backend c10d --rdzv-endpoint HOST:PORT, "
+        "with the cache and out folder on storage every node sees.",
     )
     parser.add_argument("--config", required=True, help="YAML file")
     parser.add_argument("--out", help="override the config's out folder")
@@ -26,9 +36,28 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.training import load_run_config
 
         cfg = load_run_config(args.config, out=args.out, activations=args.activations, wandb=args.wandb)
-        return train_with_logging(cfg)
+        with process_group():
+            return train_with_logging(cfg)
 
     return run_user_command("train", run)
+
+
+class process_group:
+    """Initialise torch.distributed when torchrun started this process (WORLD_SIZE > 1); tear it down after."""
+
+    def __enter__(self) -> None:
+        self.started = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.started:
+            import torch
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -208,11 +208,15 @@ def open_run_data(cfg: RunConfig):
 
 
 def prepare_run(cfg: RunConfig, data: Any, cache, hook: str, log_fn=None) -> sae_lib.Trainer:
-    """Lay out the run folder (config, log trimmed to the checkpoint it resumes from) and build its Trainer."""
+    """Lay out the run folder (config, log trimmed to the checkpoint it resumes from) and build its Trainer.
+
+    Under data parallelism only rank 0 writes into the folder.
+    """
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "run_config.json", dataclasses.asdict(cfg))
-    trim_log(out / "train_log.jsonl", latest_checkpoint_step(out / "checkpoints"))
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "run_config.json", dataclasses.asdict(cfg))
+        trim_log(out / "train_log.jsonl", latest_checkpoint_step(out / "checkpoints"))
     return sae_lib.build_trainer(
         data,
         arch=cfg.arch,
@@ -254,12 +258,25 @@ def finish_run(cfg: RunConfig, model: sae_lib.SAE, seconds: float, **extra: Any)
 
 
 def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]:
-    """Train, save and evaluate one SAE; returns it and its eval metrics (also written to eval.json)."""
+    """Train, save and evaluate one SAE; returns it and its eval metrics (also written to eval.json).
+
+    Data-parallel ranks other than 0 train and return the SAE with empty metrics: rank 0 saves and evaluates.
+    """
     cache, hook, data = open_run_data(cfg)
     trainer = prepare_run(cfg, data, cache, hook, log_fn)
     started = time.perf_counter()
     model = trainer.run()
-    return model, finish_run(cfg, model, time.perf_counter() - started)
+    if not trainer.coll.is_main:
+        return model, {}
+    extra = {"data_parallel_ranks": trainer.coll.world_size} if trainer.coll.world_size > 1 else {}
+    return model, finish_run(cfg, model, time.perf_counter() - started, **extra)
+
+
+def is_main_process() -> bool:
+    """False on data-parallel ranks other than 0 (which must not write run outputs)."""
+    from sae.distributed import default_collectives
+
+    return default_collectives().is_main
 
 
 class HookView:
@@ -271,8 +288,8 @@ class HookView:
         self.n_tokens, self.has_grads, self.model = cache.n_tokens, cache.has_grads, cache.model
         self.hooks = [hook]
 
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, hook: str | None = None):
-        return self.cache.iter_batches(batch_size, shuffle=shuffle, seed=seed, hook=self.hook)
+    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, hook: str | None = None, **kw):
+        return self.cache.iter_batches(batch_size, shuffle=shuffle, seed=seed, hook=self.hook, **kw)
 
 
 def json_safe(obj: Any) -> Any:

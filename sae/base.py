@@ -16,20 +16,38 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import SAEConfig
+from sae.distributed import SINGLE_PROCESS, Collectives
 from sae.errors import SAEConfigError, SAEDataError
 from sae.normalization import TokenStats, denormalize, normalize, normalize_grads
+from sae.sparse_code import SparseCode, Support, gather_pre_acts, topk_support
 
 GRADS_HINT = "cache activations with gradients (`saewb cache --with-grads`)"
 
 
 @dataclass
 class Selection:
-    """What a training-time selection produced, for the losses and threshold updates."""
+    """What a training-time selection produced (dense reference path), for the losses and thresholds."""
 
     pre_acts: Tensor
     "a [N, F], with gradient."
     mask: Tensor
     "S [N, F] bool, no gradient."
+    support: Support | None = None
+    "The same selection in sparse form."
+    stats: dict[str, float] = field(default_factory=dict)
+    "Architecture-specific numbers worth logging."
+
+
+@dataclass
+class SparseSelection:
+    """What the sparse training path produced: the code and what the aux loss needs."""
+
+    code: SparseCode
+    "z at the support, with gradient."
+    pre_acts: Tensor
+    "a [N, F] without gradient (select aux latents from it; its gradient flows via gather_pre_acts)."
+    encoder_input: Tensor
+    "x - b_pre [N, d], with gradient (what the pre-activations were computed from)."
     stats: dict[str, float] = field(default_factory=dict)
     "Architecture-specific numbers worth logging."
 
@@ -44,6 +62,8 @@ class SAE(nn.Module):
     needs_grads: ClassVar[bool] = False
     "True when training needs per-token LM-loss gradients alongside the activations."
     trainable: ClassVar[bool] = True
+    collectives: Collectives = SINGLE_PROCESS
+    "Reductions over data-parallel ranks, set by the Trainer under torchrun (sae/distributed.py)."
 
     W_enc: nn.Parameter
     W_dec: nn.Parameter
@@ -82,16 +102,16 @@ class SAE(nn.Module):
     def check_batch_size(self, batch_size: int) -> None:
         """Reject batch sizes the training rule cannot use (Feature-Choice needs B >= F/k)."""
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        """Training selection mask S [N, F] for pre-activations a (grads: normalised LM gradients)."""
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
+        """Training selection S (sparse, row-major) for pre-activations a (grads: normalised LM gradients)."""
         raise NotImplementedError
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:
         """Inference selection mask: must not depend on which other tokens share the batch."""
         raise NotImplementedError
 
-    def observe(self, z: Tensor, selection: Selection, step: int, total_steps: int) -> None:
-        """Update inference state (thresholds) after a training step; default: nothing to learn."""
+    def observe(self, code: SparseCode, step: int, total_steps: int) -> None:
+        """Update inference state (thresholds) from a step's detached code; default: nothing to learn."""
 
     # ---- shared maths -------------------------------------------------------------------------
 
@@ -100,11 +120,13 @@ class SAE(nn.Module):
         """Gao et al.'s name for the decoder bias, subtracted from inputs before encoding."""
         return self.b_dec
 
+    def encoder_input(self, x_n: Tensor) -> Tensor:
+        """x - b_pre (or x when apply_b_dec_to_input is off), in the normalised space."""
+        return x_n - self.b_dec if self.cfg.apply_b_dec_to_input else x_n
+
     def pre_acts(self, x_n: Tensor) -> Tensor:
         """a = (x - b_pre) W_enc + b_enc, in the normalised space."""
-        if self.cfg.apply_b_dec_to_input:
-            x_n = x_n - self.b_dec
-        return x_n @ self.W_enc + self.b_enc
+        return self.encoder_input(x_n) @ self.W_enc + self.b_enc
 
     def decode_normalized(self, z: Tensor) -> Tensor:
         """x_hat = z W_dec + b_pre, in the normalised space (what the training loss sees)."""
@@ -124,14 +146,34 @@ class SAE(nn.Module):
         return x_n, g_n, stats
 
     def encode_train(self, x_n: Tensor, grads_n: Tensor | None = None) -> tuple[Tensor, Selection]:
-        """Training-time encoding of a normalised batch: z = S * ReLU(a) with the batch rule."""
-        if self.needs_grads and grads_n is None:
-            raise SAEDataError(f"arch {self.arch!r} trains on LM-loss gradients: {GRADS_HINT}.")
+        """Dense reference of the training encoding: z = S * ReLU(a) [N, F] with the batch rule."""
+        self._check_grads(grads_n)
         a = self.pre_acts(x_n)
         with torch.no_grad():
-            mask, stats = self.select_train(a.detach(), grads_n)
+            support, stats = self.select_train(a.detach(), grads_n)
+        mask = support.mask()
         z = torch.where(mask, a.relu(), torch.zeros_like(a))
-        return z, Selection(pre_acts=a, mask=mask, stats=stats)
+        return z, Selection(pre_acts=a, mask=mask, support=support, stats=stats)
+
+    def encode_train_sparse(
+        self, x_n: Tensor, grads_n: Tensor | None = None, out: Tensor | None = None
+    ) -> SparseSelection:
+        """Training encoding whose backward touches only the selected latents (see sae/sparse_code.py).
+
+        The dense pre-activations are computed once without autograd (into `out`, a reusable
+        [N, F] buffer, when given); gradients reach W_enc, b_enc and b_pre only through the support.
+        """
+        self._check_grads(grads_n)
+        x_in = self.encoder_input(x_n)
+        with torch.no_grad():
+            a = torch.addmm(self.b_enc, x_in, self.W_enc, out=out) if out is not None else self.pre_acts(x_n)
+            support, stats = self.select_train(a, grads_n)
+        values = gather_pre_acts(x_in, self.W_enc, self.b_enc, a, support).relu()
+        return SparseSelection(SparseCode(support, values), a, x_in, stats)
+
+    def _check_grads(self, grads_n: Tensor | None) -> None:
+        if self.needs_grads and grads_n is None:
+            raise SAEDataError(f"arch {self.arch!r} trains on LM-loss gradients: {GRADS_HINT}.")
 
     # ---- public inference API ------------------------------------------------------------------
 
@@ -189,8 +231,7 @@ def _flatten(t: Tensor) -> Tensor:
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Per-row mask of the k largest scores (TopK, Gao et al. 2024 §2.3)."""
-    idx = scores.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    return topk_support(scores, k).mask()
 
 
 def threshold_mask(pre_acts: Tensor, threshold: Tensor) -> Tensor:

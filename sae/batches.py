@@ -3,10 +3,14 @@
 Every stream yields (acts [B, d], grads [B, d] | None) by global batch index, so a resumed run
 skips exactly the batches it already consumed and sees the same data order (ALGORITHMS: exact
 resume). `rechunk` is a pure generator: incoming batches of any size -> batches of exactly B.
+Under data parallelism each rank's stream yields its B/W rows of every global batch; a cache
+reads only its own share of the shards (`iter_batches(rank=, world_size=)`).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, count, islice
 from typing import Any
@@ -73,6 +77,8 @@ class BatchStream:
     has_grads: bool
     tokens_per_pass: int | None
     reiterable: bool = True
+    rank_local: bool = False
+    "True when the stream already yields only this rank's rows (a cache read by rank)."
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         raise NotImplementedError
@@ -174,20 +180,110 @@ class OneShotStream(BatchStream):
         yield from islice(chain(replay, self._rest), start, None)
 
 
-def make_stream(activations: Any, grads: Tensor | None, batch_size: int, shuffle: bool, seed: int) -> BatchStream:
-    """Wrap what the user passed (tensor, iterable, or cache object) as a resumable stream."""
+class RankSliceStream(BatchStream):
+    """Rank r's rows [r*b, (r+1)*b) of every global batch of another stream (b = B / W)."""
+
+    def __init__(self, stream: BatchStream, rank: int, world_size: int) -> None:
+        self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.d_in, self.has_grads, self.tokens_per_pass = stream.d_in, stream.has_grads, stream.tokens_per_pass
+        self.reiterable = stream.reiterable
+
+    def _slice(self, batch: Batch) -> Batch:
+        x, g = batch
+        b = x.shape[0] // self.world_size
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        return x[rows], None if g is None else g[rows]
+
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        return map(self._slice, self.stream.batches(start))
+
+    def peek(self, n: int) -> list[Batch]:
+        return [self._slice(batch) for batch in self.stream.peek(n)]
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """The same items, produced up to `depth` ahead by a daemon thread; its exceptions re-raise here.
+
+    Cache reads (memmap copies, dtype conversion) release the GIL, so they overlap the training maths.
+    """
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(_DONE)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            slots.put(error)
+
+    worker = threading.Thread(target=produce, name="saewb-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def make_stream(
+    activations: Any,
+    grads: Tensor | None,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> BatchStream:
+    """Wrap what the user passed (tensor, iterable, or cache object) as a resumable stream.
+
+    batch_size is the global batch; with world_size W > 1 the stream yields rank `rank`'s
+    batch_size / W rows of each global batch.
+    """
+    stream = _make_global_stream(activations, grads, batch_size, shuffle, seed, rank, world_size)
+    if world_size > 1 and not stream.rank_local:
+        stream = RankSliceStream(stream, rank, world_size)
+    return stream
+
+
+def _make_global_stream(
+    activations: Any, grads: Tensor | None, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int
+) -> BatchStream:
     if isinstance(activations, Tensor):
         return TensorStream(activations, grads, batch_size, shuffle, seed)
     if grads is not None:
         raise SAEConfigError("grads= goes with an activations tensor; iterables yield (acts, grads) pairs instead.")
     if hasattr(activations, "iter_batches") and hasattr(activations, "d_in"):
         cache = activations
+        local = batch_size // world_size
+        sharded = world_size > 1
 
         def read_pass(epoch: int) -> Iterable[Any]:
+            if sharded:  # this rank reads only its own chunks of the cache
+                return cache.iter_batches(
+                    local, shuffle=shuffle, seed=epoch_seed(seed, epoch), rank=rank, world_size=world_size
+                )
             return cache.iter_batches(batch_size, shuffle=shuffle, seed=epoch_seed(seed, epoch))
 
         tokens = (int(cache.n_tokens) // batch_size) * batch_size
-        return PassStream(read_pass, batch_size, tokens, shape=(int(cache.d_in), bool(cache.has_grads)))
+        stream = PassStream(read_pass, local, tokens, shape=(int(cache.d_in), bool(cache.has_grads)))
+        stream.rank_local = sharded
+        return stream
     if isinstance(activations, Iterator):
         return OneShotStream(activations, batch_size)
     if isinstance(activations, Iterable):

@@ -146,6 +146,10 @@ class TrainConfig:
     "Call log_fn every N steps (and at the last step)."
     progress: bool = True
     "Show a tqdm progress bar (loss, L0, FVU, dead fraction, tokens/s)."
+    sparse_kernels: bool = True
+    "Decode and backpropagate through the selected latents only (fast); False runs the dense reference."
+    prefetch_batches: int = 2
+    "Batches read ahead in a background thread while the current step trains; 0 reads in the loop."
 
     def __post_init__(self) -> None:
         _require_positive_int("batch_size", self.batch_size)
@@ -169,15 +173,22 @@ class TrainConfig:
             _require_choice("aux_loss", self.aux_loss, AUX_LOSSES)
         if self.aux_coef < 0:
             raise SAEConfigError(f"aux_coef must be >= 0, got {self.aux_coef}.")
+        if self.fire_threshold < 0:
+            raise SAEConfigError(f"fire_threshold must be >= 0, got {self.fire_threshold}.")
         for name in ("k_aux", "dead_tokens", "checkpoint_every"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))
+        if isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int) or (
+            self.prefetch_batches < 0
+        ):
+            raise SAEConfigError(f"prefetch_batches must be an integer >= 0, got {self.prefetch_batches!r}.")
         for name in ("norm_estimation_batches", "geometric_median_rows", "keep_checkpoints", "log_every"):
             _require_positive_int(name, getattr(self, name))
 
 
 RUN_ONLY_KEYS = frozenset(
-    {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "progress"}
+    {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "progress", "sparse_kernels",
+     "prefetch_batches"}
 )
 """TrainConfig keys that do not change the trained weights, so resuming may change them."""
 

@@ -9,11 +9,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae.distributed import SINGLE_PROCESS, Collectives
+from sae.sparse_code import SparseCode
+
 
 class FeatureTracker:
     """Counts tokens since each latent last fired and keeps an EMA of firing rates."""
 
-    def __init__(self, n_features: int, dead_tokens: int, fire_threshold: float, ema_beta: float) -> None:
+    def __init__(
+        self, n_features: int, dead_tokens: int, fire_threshold: float, ema_beta: float,
+        collectives: Collectives = SINGLE_PROCESS,
+    ) -> None:
+        self.collectives = collectives
+        "Data-parallel ranks: firing counts are summed over the global batch."
         self.dead_tokens = dead_tokens
         self.fire_threshold = fire_threshold
         self.ema_beta = ema_beta
@@ -21,11 +29,14 @@ class FeatureTracker:
         self.density_ema = torch.zeros(n_features)
 
     @torch.no_grad()
-    def update(self, z: Tensor) -> None:
-        fires = z > self.fire_threshold
-        self.tokens_since_fired += z.shape[0]
-        self.tokens_since_fired[fires.any(dim=0)] = 0
-        self.density_ema.mul_(self.ema_beta).add_(fires.float().mean(dim=0), alpha=1 - self.ema_beta)
+    def update(self, code: SparseCode) -> None:
+        """Count one batch of (detached) latents; only the support can fire."""
+        fired = self.collectives.sum_(code.fired_count(self.fire_threshold))
+        n_tokens = code.support.n_rows * self.collectives.world_size
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired > 0] = 0
+        rate = fired.to(self.density_ema.dtype) / n_tokens
+        self.density_ema.mul_(self.ema_beta).add_(rate, alpha=1 - self.ema_beta)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens

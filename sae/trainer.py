@@ -3,6 +3,10 @@
 One step: normalise -> select (the architecture's rule) -> decode -> loss = NMSE + alpha * aux ->
 project decoder gradients -> clip -> Adam -> renormalise decoder rows -> update latent counters
 and thresholds. Dead-latent tracking, checkpointing and logging are collaborators.
+
+By default the step runs on sparse kernels (sae/sparse_code.py): after the one dense encoder GEMM,
+decoding and every backward touch only the selected latents. `sparse_kernels=False` runs the
+plain dense reference of the same maths (the tests hold the two to float64 agreement).
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae.aux_losses import aux_zipf_loss, auxk_loss, zipf_weights
+from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss, zipf_weights
 from sae.base import GRADS_HINT, SAE
-from sae.batches import BatchStream, make_stream
+from sae.batches import BatchStream, make_stream, prefetch
 from sae.checkpoint import Checkpointer, read_checkpoint, restore_optimizer
 from sae.config import FORMAT_VERSION, RUN_ONLY_KEYS, SAEConfig, TrainConfig, config_diff
+from sae.distributed import SINGLE_PROCESS, Collectives, centred_sum_of_squares, default_collectives
 from sae.errors import SAEConfigError, SAEDataError, SAETrainingError
 from sae.feature_tracking import FeatureTracker
 from sae.initialization import geometric_median
 from sae.normalization import estimate_scale
 from sae.registry import get_architecture
+from sae.sparse_code import SparseCode, decode_sparse
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -63,9 +69,13 @@ def normalize_decoder_rows(W_dec: Tensor) -> None:
     W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Per-batch NMSE ||x - x_hat||^2 / ||x - mean_B(x)||^2, Gao et al.'s reconstruction loss."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+def nmse(x: Tensor, x_hat: Tensor, coll: Collectives = SINGLE_PROCESS) -> Tensor:
+    """Per-batch NMSE ||x - x_hat||^2 / ||x - mean_B(x)||^2, Gao et al.'s reconstruction loss.
+
+    Under data parallelism x is this rank's share: the denominator is the global batch's, so the
+    ranks' losses sum to the global-batch NMSE.
+    """
+    return (x - x_hat).pow(2).sum() / centred_sum_of_squares(x, coll)
 
 
 class TrainLogger:
@@ -97,9 +107,23 @@ class TrainLogger:
 
 
 class Trainer:
-    """Trains one SAE on one batch stream; `run()` returns the trained SAE."""
+    """Trains one SAE on one batch stream; `run()` returns the trained SAE.
 
-    def __init__(self, sae: SAE, stream: BatchStream, cfg: TrainConfig, log_fn: LogFn | None = None) -> None:
+    Data parallel (sae/distributed.py): with `collectives` over W ranks, cfg.batch_size is the global
+    batch and `stream` must yield this rank's batch_size / W rows of each global batch.
+    """
+
+    def __init__(
+        self,
+        sae: SAE,
+        stream: BatchStream,
+        cfg: TrainConfig,
+        log_fn: LogFn | None = None,
+        collectives: Collectives | None = None,
+    ) -> None:
+        self.coll = collectives or default_collectives()
+        sae.collectives = self.coll
+        check_divisible(cfg.batch_size, self.coll.world_size)
         if stream.d_in != sae.cfg.d_in:
             raise SAEDataError(f"activations have width {stream.d_in} but the SAE has d_in={sae.cfg.d_in}.")
         if sae.needs_grads and not stream.has_grads:
@@ -127,18 +151,30 @@ class Trainer:
             dead_tokens=dead_tokens,
         )
         self.sae, self.stream, self.log_fn = sae, stream, log_fn
-        self.tracker = FeatureTracker(sae.cfg.n_features, dead_tokens, cfg.fire_threshold, sae.cfg.density_ema_beta)
-        self.optimizer = torch.optim.Adam(
-            [p for _, p in sae.named_parameters()], lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+        self.tracker = FeatureTracker(
+            sae.cfg.n_features, dead_tokens, cfg.fire_threshold, sae.cfg.density_ema_beta, self.coll
         )
+        self.optimizer = torch.optim.Adam(
+            [p for _, p in sae.named_parameters()],
+            lr=self.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            fused=True,  # one kernel per parameter: ~3x faster than the per-op loop on CPU, same update
+        )
+        self._pre_acts: Tensor | None = None  # reused [B, F] buffer: no 150 MB allocation per step
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
         self.step = 0
+        if not self.coll.is_main:  # one progress bar and one log for the whole run
+            self.cfg = dataclasses.replace(self.cfg, progress=False)
+            self.log_fn = None
 
     def run(self) -> SAE:
         if not self.resume():
             self.initialize()
         logger = TrainLogger(self.total_steps, self.step, self.cfg.batch_size, self.cfg, self.log_fn)
-        batches = self.stream.batches(start=self.step)
+        batches = islice(self.stream.batches(start=self.step), self.total_steps - self.step)  # nothing past the end
+        if self.cfg.prefetch_batches:
+            batches = prefetch(batches, self.cfg.prefetch_batches)
         metrics: dict[str, float] = {}
         try:
             for step in range(self.step, self.total_steps):
@@ -157,22 +193,48 @@ class Trainer:
         self.step = step + 1
         logger.log(self.step, metrics)
         every = self.cfg.checkpoint_every
-        if self.checkpointer and (self.step == self.total_steps or (every and self.step % every == 0)):
+        due = self.step == self.total_steps or (every and self.step % every == 0)
+        if self.checkpointer and self.coll.is_main and due:
             self.save_checkpoint(metrics)
         return metrics
 
     def finish(self, metrics: dict[str, float]) -> None:
         self.sae.training_info = self.training_info(metrics)
 
+    def losses(self, x_n: Tensor, g_n: Tensor | None) -> tuple[Tensor, Tensor, SparseCode, dict[str, float]]:
+        """(reconstruction NMSE, aux loss, code z, selection stats) of one normalised batch."""
+        sae = self.sae
+        weights = self.aux_weights()
+        if self.cfg.sparse_kernels:
+            buffer = self._pre_acts
+            if buffer is None or buffer.shape != (x_n.shape[0], sae.cfg.n_features) or buffer.dtype != x_n.dtype:
+                buffer = self._pre_acts = x_n.new_empty(x_n.shape[0], sae.cfg.n_features)
+            sel = sae.encode_train_sparse(x_n, g_n, out=buffer)
+            x_hat = decode_sparse(sel.code, sae.W_dec) + sae.b_dec
+            residual = (x_n - x_hat).detach()
+            aux = x_n.new_zeros(())
+            if weights is not None:
+                aux = sparse_aux_loss(
+                    sel.encoder_input, sae.W_enc, sae.b_enc, sel.pre_acts, residual, sae.W_dec, weights, self.k_aux,
+                    self.coll,
+                )
+            return nmse(x_n, x_hat, self.coll), aux, sel.code, sel.stats
+        z, selection = sae.encode_train(x_n, g_n)
+        x_hat = sae.decode_normalized(z)
+        residual = (x_n - x_hat).detach()
+        aux = x_n.new_zeros(())
+        if weights is not None:
+            aux = aux_reconstruction_loss(selection.pre_acts, residual, sae.W_dec, weights, self.k_aux, self.coll)
+        assert selection.support is not None
+        support = selection.support
+        return nmse(x_n, x_hat, self.coll), aux, SparseCode(support, z[support.rows, support.cols]), selection.stats
+
     def train_step(self, step: int, x: Tensor, grads: Tensor | None) -> dict[str, float]:
         """One optimiser step on batch x (and LM gradients); raises before updating on NaN/inf."""
         sae = self.sae
         _check_finite(x, grads, f"step {step} (batch {step} of the stream)")
         x_n, g_n, _ = sae.normalize(x, grads)
-        z, selection = sae.encode_train(x_n, g_n)
-        x_hat = sae.decode_normalized(z)
-        rec = nmse(x_n, x_hat)
-        aux = self.aux_loss(selection.pre_acts, (x_n - x_hat).detach())
+        rec, aux, code, stats = self.losses(x_n, g_n)
         loss = rec + self.cfg.aux_coef * aux
         if not torch.isfinite(loss):
             raise SAETrainingError(
@@ -184,38 +246,43 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        project_decoder_grads(sae.W_dec)
         params = [p for p in sae.parameters() if p.grad is not None]
+        for p in params:  # each rank's loss is its share of the global one: sum the gradients
+            self.coll.sum_(p.grad)
+        project_decoder_grads(sae.W_dec)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise SAETrainingError(f"gradients became non-finite at step {step}; no update was applied.")
         self.optimizer.step()
         normalize_decoder_rows(sae.W_dec)
-        z = z.detach()
-        self.tracker.update(z)
-        sae.observe(z, selection, step, self.total_steps)
+        code = SparseCode(code.support, code.values.detach())
+        self.tracker.update(code)
+        sae.observe(code, step, self.total_steps)
+        totals = torch.stack([rec.detach(), aux.detach(), code.l0_per_token().sum().to(rec.dtype)])
+        rec_total, aux_total, l0_sum = self.coll.sum_(totals).tolist()
         return {
-            "loss": float(loss.detach()),
-            "fvu": float(rec.detach()),  # batch NMSE in the training space (= batch FVU under scalar norm)
-            "aux_loss": float(aux.detach()),
-            "l0": float((z > 0).sum(dim=1).float().mean()),
+            "loss": rec_total + self.cfg.aux_coef * aux_total,
+            "fvu": rec_total,  # batch NMSE in the training space (= batch FVU under scalar norm)
+            "aux_loss": aux_total,
+            "l0": l0_sum / (x.shape[0] * self.coll.world_size),
             "dead_frac": self.tracker.dead_fraction(),
             "lr": lr,
             "grad_norm": float(grad_norm),
-            **selection.stats,
+            **stats,
         }
 
-    def aux_loss(self, pre_acts: Tensor, residual: Tensor) -> Tensor:
-        """AuxK or aux_zipf on the residual, using the dead/density state before this step."""
-        k_aux, dead = self.k_aux, self.tracker.dead_mask()
+    def aux_weights(self) -> Tensor | None:
+        """Per-latent aux weights from the dead/density state before this step: AuxK 1[dead], aux_zipf
+        the Zipf deficit (sae/aux_losses.py); None when the run has no aux loss."""
+        dead = self.tracker.dead_mask()
         if self.cfg.aux_loss == "auxk":
-            return auxk_loss(pre_acts, residual, self.sae.W_dec, dead, k_aux)
+            return dead.to(self.sae.W_dec.dtype)
         if self.cfg.aux_loss == "aux_zipf":
             weights = zipf_weights(
                 self.tracker.density_ema, dead, self.cfg.aux_zipf_head_fraction, self.cfg.aux_zipf_r0
             )
-            return aux_zipf_loss(pre_acts, residual, self.sae.W_dec, weights, k_aux)
-        return pre_acts.new_zeros(())
+            return weights.to(self.sae.W_dec.dtype)
+        return None
 
     @torch.no_grad()
     def initialize(self) -> None:
@@ -230,19 +297,23 @@ class Trainer:
             first: Iterable[tuple[Tensor, Tensor | None]] = islice(self.stream.batches(0), n_read)
         else:
             first = self.stream.peek(n_read)
+        quota = max(1, cfg.geometric_median_rows // self.coll.world_size)  # b_pre sample rows from this rank
         norm_sum, norm_rows, sample, held = 0.0, 0, [], 0
         for j, (x, _) in enumerate(first):
             _check_finite(x, None, f"batch {j} (read to initialise the normalisation and b_pre)")
             if j < norm_batches:
                 norm_sum += float(x.double().norm(dim=1).sum())
                 norm_rows += x.shape[0]
-            if held < cfg.geometric_median_rows:
-                sample.append(x[: cfg.geometric_median_rows - held])
+            if held < quota:
+                sample.append(x[: quota - held])
                 held += sample[-1].shape[0]
         if norm_batches:
-            sae.norm_scale.fill_(estimate_scale(norm_sum, norm_rows, sae.cfg.d_in))
-        x_n, _, _ = sae.normalize(torch.cat(sample))
+            totals = self.coll.sum_(torch.tensor([norm_sum, float(norm_rows)], dtype=torch.float64))
+            sae.norm_scale.fill_(estimate_scale(float(totals[0]), int(totals[1]), sae.cfg.d_in))
+        x_n, _, _ = sae.normalize(self.coll.cat(torch.cat(sample)))
         sae.b_dec.copy_(geometric_median(x_n))
+        for tensor in [*sae.parameters(), *sae.buffers()]:  # every rank starts from rank 0's exact state
+            self.coll.broadcast_(tensor.data)
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint if there is one; the configs must match."""
@@ -301,6 +372,15 @@ class Trainer:
         }
 
 
+def check_divisible(batch_size: int, world_size: int) -> None:
+    """Data parallelism splits each global batch evenly over the ranks."""
+    if batch_size % world_size:
+        raise SAEConfigError(
+            f"batch_size={batch_size} must be a multiple of the number of ranks ({world_size}): each rank "
+            f"trains on batch_size / ranks rows of every batch."
+        )
+
+
 def _semantic(train_config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in train_config.items() if k not in RUN_ONLY_KEYS}
 
@@ -340,8 +420,9 @@ def build_trainer(
     seed: int = 0,
     log_fn: LogFn | None = None,
     metadata: dict[str, Any] | None = None,
+    collectives: Collectives | None = None,
     **options: Any,
-) -> SAE:
+) -> Trainer:
     """The Trainer that `train` runs: configs validated, data wrapped as a stream, SAE initialised from `seed`.
 
     activations: tensor [N, d] (with optional grads [N, d]), an iterable of batches (tensors or
@@ -349,6 +430,8 @@ def build_trainer(
     (several trainers can share one stream, reading each batch once).
     options: any SAEConfig or TrainConfig field (see sae.config), e.g. normalization="none",
     checkpoint_dir=..., progress=False. metadata: SAELens metadata (model_name, hook_name, ...).
+    collectives: data-parallel ranks (sae/distributed.py); default: the initialised torch.distributed
+    process group when there is one (torchrun), else a single process. batch_size is the global batch.
     """
     cls = get_architecture(arch, trainable=True)
     sae_keys = {f.name for f in dataclasses.fields(SAEConfig)} - {"arch", "d_in", "n_features", "k"}
@@ -373,14 +456,16 @@ def build_trainer(
         activations = activations_package.load_cache(activations)
     if hasattr(activations, "iter_batches"):
         metadata = {**_cache_metadata(activations), **metadata}
+    coll = collectives or default_collectives()
+    check_divisible(batch_size, coll.world_size)
     if isinstance(activations, BatchStream):
-        stream = activations
+        stream = activations  # under data parallelism: already this rank's share
     else:
-        stream = make_stream(activations, grads, batch_size, train_cfg.shuffle, seed)
+        stream = make_stream(activations, grads, batch_size, train_cfg.shuffle, seed, coll.rank, coll.world_size)
     sae_cfg = SAEConfig(arch=arch, d_in=stream.d_in, n_features=n_features, k=k, **sae_options)
     sae = cls(sae_cfg, seed=seed)
     sae.metadata = metadata
-    return Trainer(sae, stream, train_cfg, log_fn)
+    return Trainer(sae, stream, train_cfg, log_fn, coll)
 
 
 def train(
@@ -396,6 +481,7 @@ def train(
     seed: int = 0,
     log_fn: LogFn | None = None,
     metadata: dict[str, Any] | None = None,
+    collectives: Collectives | None = None,
     **options: Any,
 ) -> SAE:
     """Train an SAE of architecture `arch` on activations and return it.
@@ -416,5 +502,6 @@ def train(
         seed=seed,
         log_fn=log_fn,
         metadata=metadata,
+        collectives=collectives,
         **options,
     ).run()

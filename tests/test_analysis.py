@@ -205,3 +205,143 @@ def test_cli_parser_builds_a_store(built, tmp_path, capsys):
     assert "cannot load 'synthetic'" in out and f"saewb dashboard --store {tmp_path / 'cli-store'}" in out
     card = AnalysisStore(tmp_path / "cli-store").feature("cli", 0)
     assert len(card["top_contexts"]) <= 2 and card["logit_top"] is None
+
+
+# ---- the single pass ------------------------------------------------------------------------------------
+
+
+def brute_window(z: torch.Tensor, tokens: np.ndarray, row: int, feature: int, window: int) -> dict:
+    """The context around `row` read straight off the full latents: the rows of context c are its positions 1..64."""
+    ctx, pos = divmod(row, SHARD_ROWS)
+    pos += 1
+    lo, hi = max(0, pos - window), min(SHARD_ROWS + 1, pos + window + 1)
+    return {"centre": pos - lo, "tokens": [f"<{t}>" for t in tokens[ctx, lo:hi]],
+            "acts": [0.0 if p == 0 else float(z[ctx * SHARD_ROWS + p - 1, feature]) for p in range(lo, hi)]}
+
+
+def test_cache_is_streamed_once(built, tmp_path, monkeypatch):
+    from activations.reader import ActivationCache
+
+    calls, rows = [], []
+    original = ActivationCache.iter_batches
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("shuffle"))
+        for batch in original(self, *args, **kwargs):
+            rows.append(batch.shape[0])
+            yield batch
+
+    monkeypatch.setattr(ActivationCache, "iter_batches", counting)
+    analyze(built["root"] / "sae-topk", built["root"] / "cache", out=tmp_path, top_n=5, window=3, batch_size=50,
+            progress=False)
+    assert calls == [False]  # one pass, in cache order
+    assert rows == [50, 50, 50, 42]
+
+
+def test_with_margins_blocks_are_the_padded_latents():
+    from experiments.analysis import with_margins
+
+    z = torch.arange(23 * 2, dtype=torch.float32).view(23, 2) + 1
+    padded = torch.cat([torch.zeros(4, 2), z, torch.zeros(4, 2)])
+    batches = [z[:3], z[3:4], z[4:6], z[6:17], z[17:18], z[18:]]  # some smaller than the margin of 4
+    blocks = list(with_margins(iter(batches), 4))
+    starts = [start for start, _ in blocks]
+    ends = [start + block.shape[0] - 8 for start, block in blocks]
+    assert starts[0] == 0 and ends[-1] == 23 and starts[1:] == ends[:-1]
+    for start, block in blocks:
+        assert torch.equal(block, padded[start : start + block.shape[0]])
+    assert [s for s, _ in with_margins(iter(batches), 0)] == [0, 3, 4, 6, 17, 18]
+
+
+@pytest.mark.parametrize("batch_size, window", [(1, 3), (5, 8)])
+def test_windows_across_batch_boundaries_match_brute_force(built, tmp_path, batch_size, window):
+    """Batches smaller than a window (and than its span) still give every context exactly."""
+    z, tokens = built["z"], built["tokens"]
+    analyze(built["root"] / "sae-topk", built["root"] / "cache", out=tmp_path, top_n=4, window=window,
+            batch_size=batch_size, progress=False)
+    store = AnalysisStore(tmp_path)
+    n_checked = 0
+    for f in range(N_FEATURES):
+        card = store.feature("sae-topk", f)
+        col = z[:, f]
+        want = [r for r in torch.argsort(col, descending=True, stable=True)[:4].tolist() if col[r] > 0]
+        assert [c["row"] for c in card["top_contexts"]] == want
+        for c in card["top_contexts"] + [s for bucket in card["quantile_samples"] for s in bucket]:
+            expected = brute_window(z, tokens, c["row"], f, window)
+            assert (c["centre"], c["tokens"]) == (expected["centre"], expected["tokens"])
+            assert c["acts"] == pytest.approx(expected["acts"], abs=1e-5)
+            n_checked += 1
+    assert n_checked > 200
+
+
+def test_fine_bins_never_straddle_a_quantile_edge():
+    """Why per-fine-bin reservoirs suffice: `value >= edge` is constant over each bin of `_bin_of(overflow_bin)`."""
+    from experiments.analysis import _bin_of, quantile_edges
+
+    gen = torch.Generator().manual_seed(0)
+    hists = torch.randint(0, 5, (200, len(HIST_EDGES) - 1), generator=gen) * (torch.rand(200, 48, generator=gen) < 0.2)
+    hists[0, -1] = 7  # all mass in the top bin: its quantile edges are the top edge 1e4
+    hists[1, 0] = 7  # all mass in the bottom bin
+    edges32 = torch.as_tensor(HIST_EDGES, dtype=torch.float32)
+    values = torch.cat([edges32, edges32.nextafter(torch.tensor(0.0)), edges32.nextafter(torch.tensor(1e9)),
+                        torch.tensor([1e-7, 3e-5, 2e4, 1e6]), torch.logspace(-5, 5, 997)])
+    for n_buckets in (2, 4, 5):
+        edges = quantile_edges(hists, n_buckets)  # [200, n_buckets - 1]
+        assert torch.isin(edges, edges32[1:]).all()
+        by_value = (values[None, :, None] >= edges[:, None, :]).sum(2)
+        by_bin = (edges32[_bin_of(values, overflow_bin=True)][None, :, None] >= edges[:, None, :]).sum(2)
+        assert torch.equal(by_value, by_bin)
+    assert _bin_of(torch.tensor([2e4]), overflow_bin=True).item() == len(HIST_EDGES) - 1
+
+
+def test_quantile_samples_are_the_largest_keys_of_each_bucket(built, tmp_path):
+    """Every bucket holds exactly the min(5, population) rows with the largest keys, whatever the batch size."""
+    from experiments.analysis import quantile_edges, sample_keys
+
+    z = built["z"]
+    cards = {}
+    for batch_size in (7, 50):
+        out = tmp_path / str(batch_size)
+        analyze(built["root"] / "sae-topk", built["root"] / "cache", out=out, top_n=2, window=2, n_quantiles=4,
+                samples_per_quantile=5, batch_size=batch_size, seed=3, progress=False)
+        cards[batch_size] = [AnalysisStore(out).feature("sae-topk", f) for f in range(N_FEATURES)]
+    populations = []
+    for f in range(N_FEATURES):
+        rows = (z[:, f] > 0).nonzero()[:, 0]
+        vals = z[rows, f]
+        got = [[s["row"] for s in bucket] for bucket in cards[50][f]["quantile_samples"]]
+        assert got == [[s["row"] for s in bucket] for bucket in cards[7][f]["quantile_samples"]]
+        if rows.numel() == 0:
+            assert got == []
+            continue
+        hist = torch.as_tensor(np.histogram(np.clip(vals.numpy(), HIST_EDGES[0], HIST_EDGES[-1]), HIST_EDGES)[0])
+        edges = quantile_edges(hist[None], 4)[0]
+        bucket = (vals[:, None] >= edges).sum(1)
+        keys = sample_keys(rows, torch.full_like(rows, f), N_FEATURES, 3)
+        for b in range(4):
+            in_bucket = bucket == b
+            populations.append(int(in_bucket.sum()))
+            top = torch.argsort(keys[in_bucket], descending=True)[:5]
+            want = rows[in_bucket][top]
+            want = want[torch.argsort(z[want, f], stable=True)].tolist()  # a bucket's samples run by value
+            assert got[b] == want
+            assert len(got[b]) == min(5, populations[-1])
+    assert min(populations) == 0 and any(0 < p < 5 for p in populations) and max(populations) > 5
+
+
+def test_top_rows_and_windows_whatever_the_batching():
+    """Ties go to the earliest rows (as a stable sort) and every kept window is the padded latents around its row."""
+    from experiments.analysis import stream_features, with_margins
+
+    z = torch.randint(0, 4, (300, 6), generator=torch.Generator().manual_seed(0)).float()  # values 0..3: many ties
+    padded = torch.cat([torch.zeros(2, 6), z, torch.zeros(2, 6)])
+    for batch_size in (1, 7, 300):
+        stats, reservoirs = stream_features(with_margins(iter(z.split(batch_size)), 2), 6, 5, 2, 2, 0)
+        for f in range(6):
+            assert stats.top_rows[f].tolist() == torch.argsort(z[:, f], descending=True, stable=True)[:5].tolist()
+            for n, r in enumerate(stats.top_rows[f].tolist()):
+                assert torch.equal(stats.top_windows[f, n], padded[r : r + 5, f])
+        feats = reservoirs.group // len(HIST_EDGES)
+        for i, (f, r) in enumerate(zip(feats.tolist(), reservoirs.row.tolist(), strict=True)):
+            assert torch.equal(reservoirs.windows[i], padded[r : r + 5, f])
+        assert reservoirs.row.numel() == 6 * 3 * 2  # 6 features, values 1, 2, 3 in three bins, 2 rows each

@@ -217,3 +217,15 @@ def test_load_model_local_folder_matches_hf(tiny_hf_folder, hf_tl_model):
 def test_load_model_unknown_name():
     with pytest.raises(ModelLoadError, match=r"^unknown model 'gpt-9000': use one of the offline models"):
         load_model("gpt-9000")
+
+
+@pytest.mark.parametrize("command", ["cache", "train", "eval", "sweep", "analyze", "dashboard", "demo"])
+def test_every_command_help_renders(command, capsys):
+    """argparse %-formats help text: a literal '%' in a config field's help must not break --help."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: saewb") and len(out.splitlines()) > 3
+    if command == "train":
+        assert "20% of the run" in out and "--sparse-kernels" in out

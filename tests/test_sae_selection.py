@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from sae.architectures.feature_choice import largest_remainder
-from sae.base import Selection, update_threshold_ema
+from sae.base import update_threshold_ema
 from sae.config import SAEConfig
 from sae.errors import SAEConfigError, SAEDataError
 from sae.registry import get_architecture
+from sae.sparse_code import SparseCode, Support
 
 D, F, K = 16, 128, 8
 
@@ -72,20 +73,20 @@ def test_mutual_choice_inference_is_single_threshold_jumprelu():
 def test_mutual_choice_threshold_ema_starts_from_first_minimum():
     sae = make("mutual_choice", threshold_beta=0.9, threshold_start_step=5)
     z = torch.tensor([[0.0, 2.0], [0.5, 3.0]])
-    mask = torch.tensor([[True, True], [True, True]])
-    selection = Selection(pre_acts=z, mask=mask)
-    sae.observe(z, selection, step=4, total_steps=1000)  # before the start step: no update
+    support = Support.from_mask(torch.ones(2, 2, dtype=torch.bool))
+    code = SparseCode(support, z.flatten())
+    sae.observe(code, step=4, total_steps=1000)  # before the start step: no update
     assert not bool(sae.threshold_initialized)
-    sae.observe(z, selection, step=5, total_steps=1000)
+    sae.observe(code, step=5, total_steps=1000)
     assert sae.threshold.item() == 0.5  # min selected positive value (the 0.0 is not positive)
-    sae.observe(z * 2, selection, step=6, total_steps=1000)
+    sae.observe(SparseCode(support, z.flatten() * 2), step=6, total_steps=1000)
     assert sae.threshold.item() == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
 
 
 def test_threshold_start_is_clipped_to_a_tenth_of_the_run():
     sae = make("mutual_choice", threshold_start_step=1000)
-    z = torch.tensor([[1.0]])
-    sae.observe(z, Selection(pre_acts=z, mask=torch.tensor([[True]])), step=10, total_steps=100)
+    sae.observe(SparseCode(Support.from_mask(torch.ones(1, 1, dtype=torch.bool)), torch.ones(1)), step=10,
+                total_steps=100)
     assert bool(sae.threshold_initialized)
 
 

@@ -14,9 +14,10 @@ import math
 import torch
 from torch import Tensor
 
-from sae.base import SAE, Selection, threshold_mask, threshold_start, update_threshold_ema
+from sae.base import SAE, threshold_mask, threshold_start, update_threshold_ema
 from sae.config import SAEConfig
 from sae.errors import SAEConfigError
+from sae.sparse_code import SparseCode, Support
 
 
 class FeatureChoiceSAE(SAE):
@@ -76,13 +77,21 @@ class FeatureChoiceSAE(SAE):
         by_rank = by_rank.to(order.device)
         return torch.empty_like(by_rank).scatter_(0, order, by_rank)
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        m = self.capacities(pre_acts.shape[0])
-        top = pre_acts.topk(int(m.max()), dim=0, sorted=True).indices  # [m_max, F], best first
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
+        n_rows, n_features = pre_acts.shape
+        coll = self.collectives
+        m = self.capacities(n_rows * coll.world_size)  # capacities of the global batch
+        best = pre_acts.topk(min(int(m.max()), n_rows), dim=0, sorted=True)  # [m_max, F], best first
+        top = best.indices
         keep = torch.arange(top.shape[0], device=m.device).unsqueeze(1) < m.unsqueeze(0)
-        mask = torch.zeros_like(pre_acts, dtype=torch.bool).scatter_(0, top, keep)
-        zero_tokens = ((mask & (pre_acts > 0)).sum(dim=1) == 0).float().mean()
-        return mask, {"zero_latent_token_frac": float(zero_tokens)}
+        if coll.world_size > 1:  # keep what beats the m_i-th value of column i over all ranks
+            everyone = coll.cat(best.values).sort(dim=0, descending=True).values
+            keep &= best.values >= everyone.gather(0, (m - 1).unsqueeze(0))
+        cols = torch.arange(n_features, device=top.device).expand_as(top)
+        support = Support.from_pairs(top[keep], cols[keep], n_rows, n_features)
+        positive = pre_acts[support.rows, support.cols] > 0
+        covered = torch.bincount(support.rows[positive], minlength=n_rows) > 0
+        return support, {"zero_latent_token_frac": 1.0 - float(covered.float().mean())}
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:
         if not bool(self.threshold_initialized.any()):
@@ -93,15 +102,19 @@ class FeatureChoiceSAE(SAE):
         return threshold_mask(pre_acts, self.threshold)
 
     @torch.no_grad()
-    def observe(self, z: Tensor, selection: Selection, step: int, total_steps: int) -> None:
-        beta = self.cfg.density_ema_beta
-        self.density_ema.mul_(beta).add_((z > 0).float().mean(dim=0), alpha=1 - beta)
+    def observe(self, code: SparseCode, step: int, total_steps: int) -> None:
+        beta, coll = self.cfg.density_ema_beta, self.collectives
+        fired = coll.sum_(code.fired_count()).to(self.density_ema.dtype) / (code.support.n_rows * coll.world_size)
+        self.density_ema.mul_(beta).add_(fired, alpha=1 - beta)
         if step < threshold_start(self.cfg, total_steps):
             return
-        chosen = selection.mask & (z > 0)
-        observed = torch.where(chosen, z, torch.full_like(z, float("inf"))).min(dim=0).values
+        positive = code.values > 0
+        observed = torch.full_like(self.threshold, float("inf")).scatter_reduce(
+            0, code.support.cols[positive], code.values[positive].to(self.threshold.dtype), "amin"
+        )
+        coll.min_(observed)
         update_threshold_ema(
-            self.threshold, self.threshold_initialized, observed, chosen.any(dim=0), self.cfg.threshold_beta
+            self.threshold, self.threshold_initialized, observed, torch.isfinite(observed), self.cfg.threshold_beta
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from sae.base import SAE, topk_mask
+from sae.sparse_code import Support, topk_support
 
 
 class GradientTopKSAE(SAE):
@@ -30,9 +31,9 @@ class GradientTopKSAE(SAE):
             h = h / h.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
         return z + self.cfg.grad_beta * z * h.abs()
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
         assert self.cfg.k is not None
-        return topk_mask(self.scores(pre_acts, grads), self.cfg.k), {}
+        return topk_support(self.scores(pre_acts, grads), self.cfg.k), {}
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:
         k = self.cfg.inference_k or self.cfg.k

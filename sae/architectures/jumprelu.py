@@ -11,6 +11,7 @@ from torch import Tensor
 from sae.base import SAE, threshold_mask
 from sae.config import SAEConfig
 from sae.errors import SAEConfigError
+from sae.sparse_code import Support
 
 
 class JumpReLUSAE(SAE):
@@ -26,7 +27,7 @@ class JumpReLUSAE(SAE):
         super().__init__(cfg, seed=seed)
         self.register_buffer("threshold", torch.zeros(cfg.n_features))
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
         raise SAEConfigError("jumprelu SAEs are inference-only here (loaded from SAELens); they cannot be trained.")
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:

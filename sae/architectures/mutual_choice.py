@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.base import SAE, Selection, threshold_mask, threshold_start, update_threshold_ema
+from sae.base import SAE, threshold_mask, threshold_start, update_threshold_ema
 from sae.config import SAEConfig
+from sae.distributed import global_kth_largest
 from sae.errors import SAEConfigError
+from sae.sparse_code import SparseCode, Support
 
 
 class MutualChoiceSAE(SAE):
@@ -29,12 +31,20 @@ class MutualChoiceSAE(SAE):
         self.register_buffer("threshold", torch.full((1,), float("inf")))
         self.register_buffer("threshold_initialized", torch.zeros(1, dtype=torch.bool))
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
         assert self.cfg.k is not None
-        flat = pre_acts.relu().flatten()
-        idx = flat.topk(self.cfg.k * pre_acts.shape[0], sorted=False).indices
-        mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, True).view_as(pre_acts)
-        return mask, {"threshold": float(self.threshold)}
+        n_rows, n_features = pre_acts.shape
+        coll = self.collectives
+        # Top k*B of a rather than of ReLU(a): the same set whenever k*B entries are positive, and
+        # otherwise the extra entries emit ReLU(a) = 0 either way; it saves a dense [B, F] temporary.
+        values = pre_acts.flatten()
+        if coll.world_size == 1:
+            flat = values.topk(self.cfg.k * n_rows, sorted=False).indices.sort().values
+        else:  # the global batch's k*B-th value decides; each rank keeps its entries above it
+            kth = global_kth_largest(values, self.cfg.k * n_rows * coll.world_size, coll)
+            flat = (values >= kth).nonzero().squeeze(1)
+        support = Support(flat // n_features, flat % n_features, n_rows, n_features)
+        return support, {"threshold": float(self.threshold)}
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:
         if not bool(self.threshold_initialized.all()):
@@ -45,14 +55,15 @@ class MutualChoiceSAE(SAE):
         return threshold_mask(pre_acts, self.threshold)
 
     @torch.no_grad()
-    def observe(self, z: Tensor, selection: Selection, step: int, total_steps: int) -> None:
+    def observe(self, code: SparseCode, step: int, total_steps: int) -> None:
         if step < threshold_start(self.cfg, total_steps):
             return
-        positive = z[selection.mask & (z > 0)]
-        if positive.numel() == 0:
+        positive = code.values[code.values > 0]
+        observed = positive.min().reshape(1) if positive.numel() else code.values.new_full((1,), float("inf"))
+        observed = self.collectives.min_(observed.to(self.threshold.dtype))
+        valid = torch.isfinite(observed)
+        if not bool(valid):
             return
-        observed = positive.min().reshape(1).to(self.threshold.dtype)
-        valid = torch.ones(1, dtype=torch.bool)
         update_threshold_ema(
             self.threshold, self.threshold_initialized, observed, valid, self.cfg.threshold_beta
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from sae.base import SAE, topk_mask
+from sae.sparse_code import Support, topk_support
 
 
 class TopKSAE(SAE):
@@ -17,9 +18,9 @@ class TopKSAE(SAE):
     arch = "topk"
     saelens_architecture = "topk"
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
         assert self.cfg.k is not None
-        return topk_mask(pre_acts, self.cfg.k), {}
+        return topk_support(pre_acts, self.cfg.k), {}
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:
         return topk_mask(pre_acts, self.cfg.inference_k or self.cfg.k)

@@ -1,0 +1,158 @@
+"""Sparse latent codes and the kernels that train on them without dense [B, F] gradients.
+
+A training step needs the dense pre-activations A = (x - b_pre) W_enc + b_enc once, to choose the
+support S (the architecture's rule). Everything after that only involves the B*k selected entries:
+
+- decode:   x_hat = sum_j z_j W_dec[c_j] + b_pre, an `embedding_bag` over each token's latents
+            (B*k*d multiply-adds instead of the dense B*F*d; its backward gives dW_dec and dz);
+- encoder backward: dW_enc = X^T dA with dA sparse, a CSR sparse x dense product (B*k*d instead
+                    of B*F*d), and db_enc a scatter-add.
+
+So the only O(B*F*d) work left is the forward GEMM: the "decode only the k active latents" and
+"encoder backward that touches only selected latents" ideas of Gao et al. 2024 (§A.3) and
+sparsify's kernels, written here on stock torch ops so they run on any CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F_nn
+from torch import Tensor
+
+
+@dataclass
+class Support:
+    """The (token, latent) pairs a selection keeps, sorted by token: the sparse form of a mask S [B, F]."""
+
+    rows: Tensor
+    "[nnz] int64 token index of each entry, non-decreasing."
+    cols: Tensor
+    "[nnz] int64 latent index of each entry."
+    n_rows: int
+    n_features: int
+    per_row: int | None = None
+    "k when every row holds exactly k entries (TopK, g-SAE): enables the [B, k] fast paths."
+
+    @classmethod
+    def from_topk(cls, indices: Tensor, n_features: int) -> Support:
+        """From per-row latent indices [B, k] (e.g. `topk(...).indices`)."""
+        n_rows, k = indices.shape
+        rows = torch.arange(n_rows, device=indices.device).repeat_interleave(k)
+        return cls(rows, indices.reshape(-1).to(torch.int64), n_rows, n_features, per_row=k)
+
+    @classmethod
+    def from_pairs(cls, rows: Tensor, cols: Tensor, n_rows: int, n_features: int) -> Support:
+        """From unordered (row, col) pairs, sorted here into row-major order."""
+        order = torch.argsort(rows * n_features + cols)
+        return cls(rows[order], cols[order], n_rows, n_features)
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> Support:
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major already
+        return cls(rows, cols, mask.shape[0], mask.shape[1])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.cols.numel())
+
+    def row_starts(self) -> Tensor:
+        """[B + 1] CSR row pointer: entries of row b are [starts[b], starts[b+1])."""
+        if self.per_row is not None:
+            return torch.arange(0, self.nnz + 1, self.per_row, device=self.cols.device)
+        counts = torch.bincount(self.rows, minlength=self.n_rows)
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+    def mask(self) -> Tensor:
+        """The dense boolean mask [B, F] (for the reference path and tests)."""
+        out = torch.zeros(self.n_rows, self.n_features, dtype=torch.bool, device=self.cols.device)
+        out[self.rows, self.cols] = True
+        return out
+
+    def to_dense(self, values: Tensor) -> Tensor:
+        """Dense [B, F] with `values` [nnz] at the support (differentiable; repeated entries add up)."""
+        flat = values.new_zeros(self.n_rows * self.n_features)
+        index = (self.rows * self.n_features + self.cols,)
+        return flat.index_put(index, values, accumulate=True).view(self.n_rows, self.n_features)
+
+
+@dataclass
+class SparseCode:
+    """Latents z in sparse form: `values` [nnz] at `support` (z = 0 elsewhere)."""
+
+    support: Support
+    values: Tensor
+
+    def dense(self) -> Tensor:
+        return self.support.to_dense(self.values)
+
+    def active(self, threshold: float = 0.0) -> Tensor:
+        """[nnz] bool: the entries that fire (value > threshold)."""
+        return self.values > threshold
+
+    def l0_per_token(self) -> Tensor:
+        """[B] number of firing latents per token."""
+        fired = self.support.rows[self.active()]
+        return torch.bincount(fired, minlength=self.support.n_rows)
+
+    def fired_count(self, threshold: float = 0.0) -> Tensor:
+        """[F] tokens on which each latent fires."""
+        return torch.bincount(self.support.cols[self.active(threshold)], minlength=self.support.n_features)
+
+
+def _csr(support: Support, values: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(
+            support.row_starts(), support.cols, values, (support.n_rows, support.n_features)
+        )
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """Forward: A[rows, cols] from precomputed pre-activations. Backward: sparse dW_enc, db_enc, dx."""
+
+    @staticmethod
+    def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, pre_acts: Tensor, support: Support) -> Tensor:
+        ctx.save_for_backward(x_in, W_enc)
+        ctx.support = support
+        return pre_acts[support.rows, support.cols]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_in, W_enc = ctx.saved_tensors
+        support: Support = ctx.support
+        grad = grad.contiguous()
+        dA = _csr(support, grad)  # [B, F], nnz entries
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_x = dA @ W_enc.T  # [B, d]
+        if ctx.needs_input_grad[1]:
+            g_w = (dA.t() @ x_in).T  # [F, d] -> [d, F]
+        if ctx.needs_input_grad[2]:
+            g_b = grad.new_zeros(support.n_features).index_add_(0, support.cols, grad)
+        return g_x, g_w, g_b, None, None
+
+
+def gather_pre_acts(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, pre_acts: Tensor, support: Support) -> Tensor:
+    """a[rows, cols] with the gradient of a = x_in @ W_enc + b_enc, computed only at the support.
+
+    `pre_acts` must equal x_in @ W_enc + b_enc (computed without autograd, once per step).
+    """
+    return _GatherPreActs.apply(x_in, W_enc, b_enc, pre_acts, support)
+
+
+def decode_sparse(code: SparseCode, W_dec: Tensor) -> Tensor:
+    """sum_j z_j W_dec[c_j] per token [B, d] (no bias), differentiable in z and W_dec."""
+    s = code.support
+    if s.per_row is not None:
+        return F_nn.embedding_bag(
+            s.cols.view(s.n_rows, s.per_row), W_dec, mode="sum", per_sample_weights=code.values.view(s.n_rows, -1)
+        )
+    return F_nn.embedding_bag(s.cols, W_dec, s.row_starts()[:-1], mode="sum", per_sample_weights=code.values)
+
+
+def topk_support(scores: Tensor, k: int) -> Support:
+    """Each row's k largest scores (TopK, Gao et al. 2024 §2.3)."""
+    return Support.from_topk(scores.topk(k, dim=-1, sorted=False).indices, scores.shape[-1])
