@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,11 @@ from experiments.training import (
     open_run_data,
     prepare_run,
 )
-from sae.batches import BatchStream, make_stream, prefetch
+from sae.batches import BatchStream, batch_reader, make_stream
 from sae.config import TrainConfig
 from sae.trainer import LogFn, Trainer, TrainLogger
 
-SHARED_KEYS = ("activations", "hook", "batch_size", "total_tokens", "seed", "shuffle")
+SHARED_KEYS = ("activations", "hook", "batch_size", "total_tokens", "seed", "shuffle", "shuffle_buffer_rows")
 """What decides the batches a run reads; runs trained together must agree on all of it."""
 
 
@@ -44,6 +43,7 @@ def data_side(cfg: RunConfig, hooks: Sequence[str] | None = None) -> dict[str, A
         "total_tokens": cfg.total_tokens,
         "seed": cfg.seed,
         "shuffle": shuffle,
+        "shuffle_buffer_rows": cfg.options.get("shuffle_buffer_rows", TrainConfig.shuffle_buffer_rows),
     }
 
 
@@ -81,7 +81,9 @@ def train_many(
     first = configs[0]
     cache, hook, data = open_run_data(first)
     check_shared_stream(configs, cache.hooks)
-    stream = make_stream(data, None, first.batch_size, data_side(first)["shuffle"], first.seed)
+    side = data_side(first)
+    stream = make_stream(data, None, first.batch_size, side["shuffle"], first.seed,
+                         buffer_rows=side["shuffle_buffer_rows"])
     trainers = [prepare_run(cfg, stream, cache, hook, log_fn) for cfg, log_fn in zip(configs, log_fns, strict=True)]
     started = time.perf_counter()
     train_together(trainers, stream)
@@ -115,16 +117,15 @@ def train_together(trainers: Sequence[Trainer], stream: BatchStream) -> None:
         for t, bar in zip(trainers, [first.cfg.progress] + [False] * (len(trainers) - 1), strict=True)
     ]
     last: list[dict[str, float]] = [{} for _ in trainers]
-    batches = islice(stream.batches(start=first.step), first.total_steps - first.step)
-    if first.cfg.prefetch_batches:
-        batches = prefetch(batches, first.cfg.prefetch_batches)
     try:
-        for step in range(first.step, first.total_steps):
-            batch = next(batches, None)
-            if batch is None:
-                raise sae_lib.SAEDataError(f"the activations ran out at step {step} of {first.total_steps}.")
-            for i, (trainer, logger) in enumerate(zip(trainers, loggers, strict=True)):
-                last[i] = trainer.advance(step, batch, logger)
+        count = first.total_steps - first.step
+        with batch_reader(stream, first.step, count, first.cfg.prefetch_batches) as batches:
+            for step in range(first.step, first.total_steps):
+                batch = next(batches, None)
+                if batch is None:
+                    raise sae_lib.SAEDataError(f"the activations ran out at step {step} of {first.total_steps}.")
+                for i, (trainer, logger) in enumerate(zip(trainers, loggers, strict=True)):
+                    last[i] = trainer.advance(step, batch, logger)
     finally:
         for logger in loggers:
             logger.close()

@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         with process_group():
             return train_with_logging(cfg)
 
-    return run_user_command("train", run)
+    code = run_user_command("train", run)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every output is written and the process group destroyed; skip interpreter finalisation, during
+        # which gloo's worker threads can abort the process ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 class process_group:
@@ -53,10 +60,12 @@ class process_group:
 
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.started:
             import torch.distributed as dist
 
+            if exc_type is None:  # wait for rank 0's saving and evaluation: gloo aborts a rank that leaves early
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import chain, count, islice
 from typing import Any
 
@@ -204,41 +205,80 @@ class RankSliceStream(BatchStream):
 _DONE = object()
 
 
-def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """The same items, produced up to `depth` ahead by a daemon thread; its exceptions re-raise here.
+class prefetch:
+    """The same items, produced up to `depth` ahead by a background thread; its exceptions re-raise here.
 
     Cache reads (memmap copies, dtype conversion) release the GIL, so they overlap the training maths.
+    Use as a context manager (or call close()): it stops and joins the thread, so no reader is left
+    running torch ops while the interpreter shuts down.
     """
-    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
 
-    def produce() -> None:
+    def __init__(self, items: Iterator[Any], depth: int) -> None:
+        self._slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="saewb-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self, items: Iterator[Any]) -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not self._put(item):
                     return
-            slots.put(_DONE)
+            self._put(_DONE)
         except BaseException as error:  # handed to the consumer, which re-raises it
-            slots.put(error)
+            self._put(error)
 
-    worker = threading.Thread(target=produce, name="saewb-prefetch", daemon=True)
-    worker.start()
+    def _put(self, item: Any) -> bool:
+        """Block until there is room or close() was called; False when closed."""
+        while not self._stop.is_set():
+            try:
+                self._slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._slots.get()
+        if item is _DONE:
+            self._slots.put(_DONE)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def batch_reader(stream: BatchStream, start: int, count: int, depth: int) -> Iterator[Iterator[Batch]]:
+    """Batches start .. start+count-1 of `stream`, read `depth` ahead in a thread when depth > 0.
+
+    Nothing past the last batch is read, and on exit the thread is joined and the stream's
+    generator closed (its files released) before the caller goes on.
+    """
+    source = stream.batches(start)
     try:
-        while True:
-            item = slots.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        if depth > 0:
+            with prefetch(islice(source, count), depth) as items:
+                yield items
+        else:
+            yield islice(source, count)
     finally:
-        stop.set()
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def make_stream(
@@ -249,20 +289,22 @@ def make_stream(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    buffer_rows: int | None = None,
 ) -> BatchStream:
     """Wrap what the user passed (tensor, iterable, or cache object) as a resumable stream.
 
     batch_size is the global batch; with world_size W > 1 the stream yields rank `rank`'s
-    batch_size / W rows of each global batch.
+    batch_size / W rows of each global batch. buffer_rows: a cache's shuffle buffer (its default if None).
     """
-    stream = _make_global_stream(activations, grads, batch_size, shuffle, seed, rank, world_size)
+    stream = _make_global_stream(activations, grads, batch_size, shuffle, seed, rank, world_size, buffer_rows)
     if world_size > 1 and not stream.rank_local:
         stream = RankSliceStream(stream, rank, world_size)
     return stream
 
 
 def _make_global_stream(
-    activations: Any, grads: Tensor | None, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int
+    activations: Any, grads: Tensor | None, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int,
+    buffer_rows: int | None,
 ) -> BatchStream:
     if isinstance(activations, Tensor):
         return TensorStream(activations, grads, batch_size, shuffle, seed)
@@ -272,13 +314,12 @@ def _make_global_stream(
         cache = activations
         local = batch_size // world_size
         sharded = world_size > 1
+        options: dict[str, Any] = {} if buffer_rows is None else {"buffer_rows": buffer_rows}
 
         def read_pass(epoch: int) -> Iterable[Any]:
-            if sharded:  # this rank reads only its own chunks of the cache
-                return cache.iter_batches(
-                    local, shuffle=shuffle, seed=epoch_seed(seed, epoch), rank=rank, world_size=world_size
-                )
-            return cache.iter_batches(batch_size, shuffle=shuffle, seed=epoch_seed(seed, epoch))
+            if sharded:  # this rank reads only its own share of the cache
+                options.update(rank=rank, world_size=world_size)
+            return cache.iter_batches(local, shuffle=shuffle, seed=epoch_seed(seed, epoch), **options)
 
         tokens = (int(cache.n_tokens) // batch_size) * batch_size
         stream = PassStream(read_pass, local, tokens, shape=(int(cache.d_in), bool(cache.has_grads)))

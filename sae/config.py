@@ -116,6 +116,8 @@ class TrainConfig:
     "Seed for the initial weights and the data order."
     shuffle: bool = True
     "Shuffle tensors and caches each pass (seeded); plain iterables keep their own order."
+    shuffle_buffer_rows: int | None = None
+    "Rows mixed at once when shuffling a cache (None: the reader's 262,144); reading memory is rows x d x 4 bytes."
     aux_loss: str | None = None
     "auxk, aux_zipf or none; None means the architecture's default (AuxK, or none for FC)."
     aux_coef: float = 1 / 32
@@ -134,6 +136,8 @@ class TrainConfig:
     "Batches used to estimate the scalar normalisation c (capped at the run's steps)."
     geometric_median_rows: int = 32768
     "Rows used for the geometric-median initialisation of b_pre."
+    encoder_init_scale: bool = True
+    "Scale the initial encoder so the first batch's reconstruction has the least-squares best size (our choice)."
     checkpoint_dir: str | None = None
     "Directory for checkpoints; None disables checkpointing."
     checkpoint_every: int | None = None
@@ -175,7 +179,7 @@ class TrainConfig:
             raise SAEConfigError(f"aux_coef must be >= 0, got {self.aux_coef}.")
         if self.fire_threshold < 0:
             raise SAEConfigError(f"fire_threshold must be >= 0, got {self.fire_threshold}.")
-        for name in ("k_aux", "dead_tokens", "checkpoint_every"):
+        for name in ("k_aux", "dead_tokens", "checkpoint_every", "shuffle_buffer_rows"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))
         if isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int) or (

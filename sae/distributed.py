@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sae.sparse_code import top_entries
+
 
 class Collectives:
     """One process: every reduction returns its input."""
@@ -96,6 +98,6 @@ def centred_sum_of_squares(x: Tensor, coll: Collectives) -> Tensor:
 
 
 def global_kth_largest(values: Tensor, k: int, coll: Collectives) -> Tensor:
-    """The k-th largest of the union of every rank's `values` (1-D); k counts over all ranks."""
-    local = values.topk(min(k, values.numel()), sorted=False).values
+    """The k-th largest of the union of every rank's `values` ([B, F], same shape on every rank)."""
+    local = values.flatten()[top_entries(values, min(k, values.numel()))]
     return coll.cat(local).topk(k, sorted=False).values.min()

@@ -15,6 +15,7 @@ sparsify's kernels, written here on stock torch ops so they run on any CPU or GP
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -156,3 +157,23 @@ def decode_sparse(code: SparseCode, W_dec: Tensor) -> Tensor:
 def topk_support(scores: Tensor, k: int) -> Support:
     """Each row's k largest scores (TopK, Gao et al. 2024 §2.3)."""
     return Support.from_topk(scores.topk(k, dim=-1, sorted=False).indices, scores.shape[-1])
+
+
+def top_entries(matrix: Tensor, n: int) -> Tensor:
+    """Flat indices (ascending) of the n largest entries of a [B, F] matrix, without a top-n over all B*F.
+
+    The n-th largest value among each row's top m = 2n/B entries has at least n entries at or above
+    it, so it bounds the matrix's n-th largest from below: only entries at or above it are candidates
+    (usually few more than n), and an exact top-n among them is the answer. Ties at the boundary may
+    pick a different but equal-valued entry than a full top-n would.
+    """
+    n_rows, n_cols = matrix.shape
+    if n >= matrix.numel():
+        return torch.arange(matrix.numel(), device=matrix.device)
+    m = min(n_cols, 2 * math.ceil(n / n_rows))
+    bound = matrix.topk(m, dim=1, sorted=False).values.flatten().topk(n, sorted=False).values.min()
+    candidates = (matrix >= bound).flatten().nonzero().squeeze(1)
+    if candidates.numel() == n:
+        return candidates
+    best = matrix.flatten()[candidates].topk(n, sorted=False).indices
+    return candidates[best].sort().values

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss, zipf_weights
 from sae.base import GRADS_HINT, SAE
-from sae.batches import BatchStream, make_stream, prefetch
+from sae.batches import BatchStream, batch_reader, make_stream
 from sae.checkpoint import Checkpointer, read_checkpoint, restore_optimizer
 from sae.config import FORMAT_VERSION, RUN_ONLY_KEYS, SAEConfig, TrainConfig, config_diff
 from sae.distributed import SINGLE_PROCESS, Collectives, centred_sum_of_squares, default_collectives
@@ -172,16 +172,15 @@ class Trainer:
         if not self.resume():
             self.initialize()
         logger = TrainLogger(self.total_steps, self.step, self.cfg.batch_size, self.cfg, self.log_fn)
-        batches = islice(self.stream.batches(start=self.step), self.total_steps - self.step)  # nothing past the end
-        if self.cfg.prefetch_batches:
-            batches = prefetch(batches, self.cfg.prefetch_batches)
         metrics: dict[str, float] = {}
+        count = self.total_steps - self.step
         try:
-            for step in range(self.step, self.total_steps):
-                batch = next(batches, None)
-                if batch is None:
-                    raise SAEDataError(f"the activations ran out at step {step} of {self.total_steps}.")
-                metrics = self.advance(step, batch, logger)
+            with batch_reader(self.stream, self.step, count, self.cfg.prefetch_batches) as batches:
+                for step in range(self.step, self.total_steps):
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise SAEDataError(f"the activations ran out at step {step} of {self.total_steps}.")
+                    metrics = self.advance(step, batch, logger)
         finally:
             logger.close()
         self.finish(metrics)
@@ -299,7 +298,10 @@ class Trainer:
             first = self.stream.peek(n_read)
         quota = max(1, cfg.geometric_median_rows // self.coll.world_size)  # b_pre sample rows from this rank
         norm_sum, norm_rows, sample, held = 0.0, 0, [], 0
-        for j, (x, _) in enumerate(first):
+        first_batch: tuple[Tensor, Tensor | None] | None = None
+        for j, (x, g) in enumerate(first):
+            if first_batch is None:
+                first_batch = (x, g)
             _check_finite(x, None, f"batch {j} (read to initialise the normalisation and b_pre)")
             if j < norm_batches:
                 norm_sum += float(x.double().norm(dim=1).sum())
@@ -312,8 +314,30 @@ class Trainer:
             sae.norm_scale.fill_(estimate_scale(float(totals[0]), int(totals[1]), sae.cfg.d_in))
         x_n, _, _ = sae.normalize(self.coll.cat(torch.cat(sample)))
         sae.b_dec.copy_(geometric_median(x_n))
+        if cfg.encoder_init_scale:
+            self.scale_encoder(first_batch)
         for tensor in [*sae.parameters(), *sae.buffers()]:  # every rank starts from rank 0's exact state
             self.coll.broadcast_(tensor.data)
+
+    @torch.no_grad()
+    def scale_encoder(self, batch: tuple[Tensor, Tensor | None] | None) -> None:
+        """W_enc <- c * W_enc with c = <x - b_pre, x_hat0 - b_pre> / ||x_hat0 - b_pre||^2 on one training batch.
+
+        At initialisation (b_enc = 0) every selection rule is invariant to a global encoder scale, so c is
+        the least-squares best scalar for the first reconstruction. Without it, a batch-level rule
+        (Mutual-Choice) gives a few high-norm tokens hundreds of tied-init latents each and starts at
+        FVU >> 1. A data-driven variant of OpenAI's optional encoder rescaling (ALGORITHMS §0); our choice.
+        """
+        if batch is None:
+            return
+        sae = self.sae
+        x_n, g_n, _ = sae.normalize(*batch)
+        target = x_n - sae.b_dec
+        code = sae.encode_train_sparse(x_n, g_n).code
+        recon = decode_sparse(code, sae.W_dec)
+        sums = self.coll.sum_(torch.stack([(target * recon).sum(), recon.pow(2).sum()]).double())
+        if float(sums[1]) > 0 and float(sums[0]) > 0:
+            sae.W_enc.mul_(float(sums[0] / sums[1]))
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint if there is one; the configs must match."""
@@ -461,7 +485,10 @@ def build_trainer(
     if isinstance(activations, BatchStream):
         stream = activations  # under data parallelism: already this rank's share
     else:
-        stream = make_stream(activations, grads, batch_size, train_cfg.shuffle, seed, coll.rank, coll.world_size)
+        stream = make_stream(
+            activations, grads, batch_size, train_cfg.shuffle, seed, coll.rank, coll.world_size,
+            train_cfg.shuffle_buffer_rows,
+        )
     sae_cfg = SAEConfig(arch=arch, d_in=stream.d_in, n_features=n_features, k=k, **sae_options)
     sae = cls(sae_cfg, seed=seed)
     sae.metadata = metadata

@@ -50,7 +50,8 @@ def main(rank: int, world: int, rendezvous: str, out: str) -> None:
                 "tokens_since_fired": trainer.tracker.tokens_since_fired,
                 "density_ema": trainer.tracker.density_ema,
             }
-        kth = global_kth_largest(torch.arange(10.0) + 10 * rank, 4, coll)  # union 0..9, 10..19: 4th largest 16
+        # ranks hold 0..9 and 10..19: the 4th largest of the union is 16
+        kth = global_kth_largest((torch.arange(10.0) + 10 * rank).view(2, 5), 4, coll)
         results["kth"] = kth
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -60,3 +61,4 @@ def main(rank: int, world: int, rendezvous: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    os._exit(0)  # as experiments.train: skip finalisation, where gloo's threads can abort the process

@@ -6,6 +6,7 @@ is in float64 against one process training on the global batch.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,26 @@ from tests.ddp_worker import ARCHS, D, F, K, _data, _train
 
 REPO = Path(__file__).resolve().parents[1]
 
+def run_process_group(cmd: list[str], env: dict[str, str], wait: bool = True):
+    """Start cmd in its own session, so a hang can be killed with every process it started."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    if wait:
+        finish(proc)
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for proc (killing its whole process group after `timeout` s); returns its stderr."""
+    try:
+        proc.stdout_text, proc.stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout_text, proc.stderr = proc.communicate()
+        pytest.fail(f"{proc.args} hung for {timeout} s and was killed: {proc.stderr[-2000:]}")
+    return proc.stderr
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Two real processes (tests/ddp_worker.py) joined by a gloo process group over a file rendezvous."""
@@ -28,11 +49,10 @@ def two_ranks(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     worker = str(REPO / "tests" / "ddp_worker.py")
     procs = [
-        subprocess.Popen([sys.executable, worker, str(rank), "2", str(out / "rendezvous"), str(out)], env=env,
-                         stderr=subprocess.PIPE, text=True)
+        run_process_group([sys.executable, worker, str(rank), "2", str(out / "rendezvous"), str(out)], env, wait=False)
         for rank in range(2)
     ]
-    errors = [p.communicate(timeout=300)[1] for p in procs]
+    errors = [finish(p) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(errors)[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
@@ -92,10 +112,9 @@ def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path):
         "batch_size": 256, "wandb": False, "progress": False, "eval_tokens": 512,
     }))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
+    proc = run_process_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "experiments.train", "--config", str(config)],
-        capture_output=True, text=True, env=env, timeout=300,
+         "-m", "experiments.train", "--config", str(config)], env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "eval.json").read_text())

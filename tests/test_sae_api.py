@@ -163,3 +163,27 @@ def test_public_api_names():
     assert sae.ARCHITECTURES["topk"].__name__ == "TopKSAE"
     for name in ("train", "load", "evaluate", "SAE", "SAEConfig", "TrainConfig", "MetricsAccumulator"):
         assert hasattr(sae, name), name
+
+
+def test_shuffle_buffer_rows_reaches_a_real_cache_reader(tmp_path, acts):
+    """A bounded shuffle buffer is the knob for reading memory; it must reach iter_batches."""
+    import activations.reader as reader
+    from tests.conftest import write_cache
+
+    cache = reader.load_cache(write_cache(tmp_path / "cache", acts, shard_rows=512))
+    seen = []
+    original = reader.ActivationCache.iter_batches
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("buffer_rows"))
+        return original(self, *args, **kwargs)
+
+    reader.ActivationCache.iter_batches = spy
+    try:
+        sae.train(cache, arch="topk", n_features=32, k=2, batch_size=256, shuffle_buffer_rows=600, **FAST)
+        sae.train(cache, arch="topk", n_features=32, k=2, batch_size=256, **FAST)
+    finally:
+        reader.ActivationCache.iter_batches = original
+    assert 600 in seen and None in seen  # set: passed on; unset: the reader's own default
+    with pytest.raises(SAEConfigError, match="shuffle_buffer_rows must be a positive integer"):
+        sae.train(cache, arch="topk", n_features=32, k=2, batch_size=256, shuffle_buffer_rows=0, **FAST)

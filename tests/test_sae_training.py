@@ -267,3 +267,26 @@ def test_config_field_help_for_the_cli():
         depth: int = 2
 
     assert sae.field_help(WithMetadata) == {"width": "How wide.", "depth": ""}
+
+
+@pytest.mark.parametrize("arch", TRAINABLE)
+def test_encoder_init_scale_makes_the_first_reconstruction_least_squares_optimal(arch):
+    """After initialize(), <x - b_pre, x_hat - b_pre> = ||x_hat - b_pre||^2 on the first batch (c = 1)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(512, 16, generator=g) * torch.rand(512, 1, generator=g).pow(4) * 20  # heavy-tailed norms
+    grads = torch.randn(512, 16, generator=g)
+    ratios = {}
+    for scale in (True, False):
+        trainer = sae.build_trainer(x, arch=arch, n_features=64, k=4, batch_size=256, progress=False,
+                                    encoder_init_scale=scale, shuffle=False,
+                                    grads=grads if arch == "gradient_topk" else None)
+        trainer.initialize()
+        model = trainer.sae
+        x_n, g_n, _ = model.normalize(x[:256], None if arch != "gradient_topk" else grads[:256])
+        with torch.no_grad():
+            z, _ = model.encode_train(x_n, g_n)
+            recon = z @ model.W_dec
+            target = x_n - model.b_dec
+        ratios[scale] = float((target * recon).sum() / recon.pow(2).sum())
+    assert ratios[True] == pytest.approx(1.0, rel=1e-4)
+    assert abs(ratios[False] - 1.0) > 0.05  # the unscaled tied init is off, so the test can fail

@@ -14,7 +14,7 @@ from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss
 from sae.batches import TensorStream
 from sae.config import SAEConfig, TrainConfig
 from sae.registry import TRAINABLE, get_architecture
-from sae.sparse_code import SparseCode, Support, decode_sparse, gather_pre_acts, topk_support
+from sae.sparse_code import SparseCode, Support, decode_sparse, gather_pre_acts, top_entries, topk_support
 from sae.trainer import Trainer
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -187,3 +187,51 @@ def test_tracker_counts_only_firing_support_entries():
     assert tracker.tokens_since_fired.tolist() == [0, 2, 2, 2]
     tracker.update(SparseCode(support, torch.zeros(4)))
     assert tracker.dead_mask().tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("shape,n", [((50, 40), 100), ((7, 300), 21), ((30, 8), 240), ((30, 8), 239), ((5, 5), 1)])
+@pytest.mark.parametrize("kind", ["random", "ties", "one_row_dominates"])
+def test_top_entries_equals_a_full_top_n(seed, shape, n, kind):
+    matrix = torch.randn(*shape, dtype=torch.float64)
+    if kind == "ties":
+        matrix = matrix.round()
+    if kind == "one_row_dominates":  # the per-row bound must still find every large entry
+        matrix[3 % shape[0]] += 100
+    got = top_entries(matrix, n)
+    assert got.numel() == n and torch.equal(got, got.sort().values) and got.unique().numel() == n
+    expected = matrix.flatten().topk(n).values
+    assert torch.equal(matrix.flatten()[got].sort(descending=True).values, expected), f"seed {seed}"
+
+
+def test_prefetch_keeps_order_reraises_and_leaves_no_thread():
+    import threading
+
+    from sae.batches import batch_reader, prefetch
+
+    with prefetch(iter(range(50)), depth=3) as items:
+        assert list(items) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("disk on fire")
+
+    with prefetch(failing(), depth=2) as items, pytest.raises(ValueError, match="disk on fire"):
+        list(items)
+
+    class CountingStream:
+        def __init__(self):
+            self.made, self.closed = 0, False
+
+        def batches(self, start=0):
+            try:
+                for i in range(start, 10**6):
+                    self.made += 1
+                    yield i
+            finally:
+                self.closed = True
+
+    stream = CountingStream()
+    with batch_reader(stream, start=5, count=7, depth=2) as batches:
+        assert list(batches) == list(range(5, 12))
+    assert stream.made <= 7 + 1 and stream.closed  # nothing read past the end; the generator was closed
+    assert not [t for t in threading.enumerate() if t.name == "saewb-prefetch"]

@@ -14,7 +14,7 @@ from sae.base import SAE, threshold_mask, threshold_start, update_threshold_ema
 from sae.config import SAEConfig
 from sae.distributed import global_kth_largest
 from sae.errors import SAEConfigError
-from sae.sparse_code import SparseCode, Support
+from sae.sparse_code import SparseCode, Support, top_entries
 
 
 class MutualChoiceSAE(SAE):
@@ -37,12 +37,11 @@ class MutualChoiceSAE(SAE):
         coll = self.collectives
         # Top k*B of a rather than of ReLU(a): the same set whenever k*B entries are positive, and
         # otherwise the extra entries emit ReLU(a) = 0 either way; it saves a dense [B, F] temporary.
-        values = pre_acts.flatten()
         if coll.world_size == 1:
-            flat = values.topk(self.cfg.k * n_rows, sorted=False).indices.sort().values
+            flat = top_entries(pre_acts, self.cfg.k * n_rows)
         else:  # the global batch's k*B-th value decides; each rank keeps its entries above it
-            kth = global_kth_largest(values, self.cfg.k * n_rows * coll.world_size, coll)
-            flat = (values >= kth).nonzero().squeeze(1)
+            kth = global_kth_largest(pre_acts, self.cfg.k * n_rows * coll.world_size, coll)
+            flat = (pre_acts >= kth).flatten().nonzero().squeeze(1)
         support = Support(flat // n_features, flat % n_features, n_rows, n_features)
         return support, {"threshold": float(self.threshold)}
 
