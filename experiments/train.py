@@ -8,10 +8,10 @@ alone writes checkpoints, the log, W&B, the SAE and eval.json (see sae/distribut
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from experiments.cli import run_user_command
+from experiments.data_parallel import leave_rank, process_group
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,34 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         with process_group():
             return train_with_logging(cfg)
 
-    code = run_user_command("train", run)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Every output is written and the process group destroyed; skip interpreter finalisation, during
-        # which gloo's worker threads can abort the process ("terminate called without an active exception").
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-class process_group:
-    """Initialise torch.distributed when torchrun started this process (WORLD_SIZE > 1); tear it down after."""
-
-    def __enter__(self) -> None:
-        self.started = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if self.started:
-            import torch
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if self.started:
-            import torch.distributed as dist
-
-            if exc_type is None:  # wait for rank 0's saving and evaluation: gloo aborts a rank that leaves early
-                dist.barrier()
-            dist.destroy_process_group()
+    return leave_rank(run_user_command("train", run))
 
 
 if __name__ == "__main__":

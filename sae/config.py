@@ -152,8 +152,8 @@ class TrainConfig:
     "Show a tqdm progress bar (loss, L0, FVU, dead fraction, tokens/s)."
     sparse_kernels: bool = True
     "Decode and backpropagate through the selected latents only (fast); False runs the dense reference."
-    prefetch_batches: int = 2
-    "Batches read ahead in a background thread while the current step trains; 0 reads in the loop."
+    prefetch_batches: int | None = None
+    "Batches read ahead by a background thread; None: 2 when a core is free beyond torch's threads, else 0."
 
     def __post_init__(self) -> None:
         _require_positive_int("batch_size", self.batch_size)
@@ -182,8 +182,9 @@ class TrainConfig:
         for name in ("k_aux", "dead_tokens", "checkpoint_every", "shuffle_buffer_rows"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))
-        if isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int) or (
-            self.prefetch_batches < 0
+        if self.prefetch_batches is not None and (
+            isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int)
+            or self.prefetch_batches < 0
         ):
             raise SAEConfigError(f"prefetch_batches must be an integer >= 0, got {self.prefetch_batches!r}.")
         for name in ("norm_estimation_batches", "geometric_median_rows", "keep_checkpoints", "log_every"):

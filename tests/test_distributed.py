@@ -102,8 +102,9 @@ def test_cache_ranks_read_disjoint_chunks_covering_the_cache(tmp_path):
         next(cache.iter_batches(512, rank=2, world_size=2))
 
 
-def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path):
-    """The user-facing path: torchrun -m experiments.train writes one SAE and eval.json from rank 0."""
+@pytest.mark.parametrize("entry", [["experiments.train"], ["experiments.cli", "train"]])
+def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path, entry):
+    """The user-facing paths: torchrun -m experiments.train / saewb train write one SAE and eval.json (rank 0)."""
     acts = torch.randn(8 * 256, D, generator=torch.Generator().manual_seed(0))
     cache = write_cache(tmp_path / "cache", acts, shard_rows=1024)
     config = tmp_path / "run.yaml"
@@ -114,7 +115,7 @@ def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = run_process_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "experiments.train", "--config", str(config)], env,
+         "-m", *entry, "--config", str(config)], env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
