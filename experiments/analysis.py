@@ -258,6 +258,8 @@ def quantile_edges(histogram: torch.Tensor, n_buckets: int) -> torch.Tensor:
     frac = cdf / cdf[:, -1:].clamp(min=1)
     upper = torch.as_tensor(HIST_EDGES[1:])
     qs = torch.arange(1, n_buckets, dtype=torch.float64) / n_buckets
+    if qs.numel() == 0:  # one bucket: no edges
+        return torch.empty(histogram.shape[0], 0)
     idx = torch.stack([(frac < q).sum(1) for q in qs], dim=1).clamp(max=len(upper) - 1)
     return upper[idx].float()
 
@@ -446,8 +448,9 @@ def analyze(
     w_dec = sae_model.W_dec.detach().float()
     resid = logit_lens(w_dec, hook, lm)  # before streaming: a width mismatch should fail fast
 
-    if window < 0 or batch_size < 1:
-        raise AnalysisError(f"need window >= 0 and batch size >= 1, got window={window}, batch_size={batch_size}")
+    if window < 0 or batch_size < 1 or n_quantiles < 1:
+        raise AnalysisError(f"need window >= 0, batch size >= 1 and n_quantiles >= 1, got window={window}, "
+                            f"batch_size={batch_size}, n_quantiles={n_quantiles}")
     blocks = with_margins(_encoded(sae_model, cache, hook, batch_size, progress), window)
     stats, reservoirs = stream_features(blocks, n_features, top_n, window, samples_per_quantile, seed)
     samples = reservoirs.samples(quantile_edges(stats.histogram, n_quantiles), samples_per_quantile)

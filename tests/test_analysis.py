@@ -345,3 +345,19 @@ def test_top_rows_and_windows_whatever_the_batching():
         for i, (f, r) in enumerate(zip(feats.tolist(), reservoirs.row.tolist(), strict=True)):
             assert torch.equal(reservoirs.windows[i], padded[r : r + 5, f])
         assert reservoirs.row.numel() == 6 * 3 * 2  # 6 features, values 1, 2, 3 in three bins, 2 rows each
+
+
+def test_one_quantile_bucket_samples_the_whole_distribution_and_zero_is_refused(built, tmp_path):
+    out = tmp_path / "one"
+    analyze(built["root"] / "sae-topk", built["root"] / "cache", out=out, top_n=2, window=1, n_quantiles=1,
+            samples_per_quantile=3, seed=0, progress=False)
+    z = built["z"]
+    for f in range(N_FEATURES):
+        buckets = AnalysisStore(out).feature("sae-topk", f)["quantile_samples"]
+        n_active = int((z[:, f] > 0).sum())
+        assert len(buckets) == (1 if n_active else 0)
+        if n_active:
+            assert len(buckets[0]) == min(3, n_active)
+    with pytest.raises(AnalysisError, match="n_quantiles >= 1"):
+        analyze(built["root"] / "sae-topk", built["root"] / "cache", out=tmp_path / "zero", n_quantiles=0,
+                progress=False)
