@@ -199,6 +199,9 @@ class Trainer:
 
     def finish(self, metrics: dict[str, float]) -> None:
         self.sae.training_info = self.training_info(metrics)
+        # The trained SAE is used by one process from here on (rank 0 evaluates it): a batch-mode encode
+        # must not wait on ranks that are no longer training.
+        self.sae.collectives = SINGLE_PROCESS
 
     def losses(self, x_n: Tensor, g_n: Tensor | None) -> tuple[Tensor, Tensor, SparseCode, dict[str, float]]:
         """(reconstruction NMSE, aux loss, code z, selection stats) of one normalised batch."""

@@ -31,7 +31,7 @@ def run_process_group(cmd: list[str], env: dict[str, str], wait: bool = True):
     return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     """Wait for proc (killing its whole process group after `timeout` s); returns its stderr."""
     try:
         proc.stdout_text, proc.stderr = proc.communicate(timeout=timeout)
@@ -102,14 +102,19 @@ def test_cache_ranks_read_disjoint_chunks_covering_the_cache(tmp_path):
         next(cache.iter_batches(512, rank=2, world_size=2))
 
 
-@pytest.mark.parametrize("entry", [["experiments.train"], ["experiments.cli", "train"]])
-def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path, entry):
-    """The user-facing paths: torchrun -m experiments.train / saewb train write one SAE and eval.json (rank 0)."""
+@pytest.mark.parametrize(
+    "entry,arch", [(["experiments.train"], "topk"), (["experiments.cli", "train"], "mutual_choice")]
+)
+def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path, entry, arch):
+    """The user-facing paths: torchrun -m experiments.train / saewb train write one SAE and eval.json (rank 0).
+
+    Mutual-Choice also checks that rank 0's batch-mode evaluation no longer waits on the other rank.
+    """
     acts = torch.randn(8 * 256, D, generator=torch.Generator().manual_seed(0))
     cache = write_cache(tmp_path / "cache", acts, shard_rows=1024)
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({
-        "activations": str(cache), "arch": "topk", "n_features": F, "k": K, "out": str(tmp_path / "run"),
+        "activations": str(cache), "arch": arch, "n_features": F, "k": K, "out": str(tmp_path / "run"),
         "batch_size": 256, "wandb": False, "progress": False, "eval_tokens": 512,
     }))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -120,6 +125,8 @@ def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path, entry):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert metrics["data_parallel_ranks"] == 2
+    if arch == "mutual_choice":
+        assert metrics["batch_mode"]["l0"] == pytest.approx(K)
     assert metrics["train_tokens"] == 8 * 256
     assert (tmp_path / "run" / "sae_weights.safetensors").exists()
     assert len(list((tmp_path / "run" / "checkpoints").glob("step_*"))) >= 1
