@@ -118,12 +118,8 @@ def train_together(trainers: Sequence[Trainer], stream: BatchStream) -> None:
     ]
     last: list[dict[str, float]] = [{} for _ in trainers]
     try:
-        count = first.total_steps - first.step
-        with batch_reader(stream, first.step, count, first.cfg.prefetch_batches) as batches:
-            for step in range(first.step, first.total_steps):
-                batch = next(batches, None)
-                if batch is None:
-                    raise sae_lib.SAEDataError(f"the activations ran out at step {step} of {first.total_steps}.")
+        with batch_reader(stream, first.step, first.total_steps, first.cfg.prefetch_batches) as batches:
+            for step, batch in batches:
                 for i, (trainer, logger) in enumerate(zip(trainers, loggers, strict=True)):
                     last[i] = trainer.advance(step, batch, logger)
     finally:

@@ -30,12 +30,15 @@ class Selection:
 
     pre_acts: Tensor
     "a [N, F], with gradient."
-    mask: Tensor
-    "S [N, F] bool, no gradient."
-    support: Support | None = None
-    "The same selection in sparse form."
+    support: Support
+    "S in sparse form (what select_train returned)."
     stats: dict[str, float] = field(default_factory=dict)
     "Architecture-specific numbers worth logging."
+
+    @property
+    def mask(self) -> Tensor:
+        """S [N, F] bool, no gradient."""
+        return self.support.mask()
 
 
 @dataclass
@@ -151,9 +154,8 @@ class SAE(nn.Module):
         a = self.pre_acts(x_n)
         with torch.no_grad():
             support, stats = self.select_train(a.detach(), grads_n)
-        mask = support.mask()
-        z = torch.where(mask, a.relu(), torch.zeros_like(a))
-        return z, Selection(pre_acts=a, mask=mask, support=support, stats=stats)
+        z = torch.where(support.mask(), a.relu(), torch.zeros_like(a))
+        return z, Selection(pre_acts=a, support=support, stats=stats)
 
     def encode_train_sparse(
         self, x_n: Tensor, grads_n: Tensor | None = None, out: Tensor | None = None
@@ -166,7 +168,7 @@ class SAE(nn.Module):
         self._check_grads(grads_n)
         x_in = self.encoder_input(x_n)
         with torch.no_grad():
-            a = torch.addmm(self.b_enc, x_in, self.W_enc, out=out) if out is not None else self.pre_acts(x_n)
+            a = torch.addmm(self.b_enc, x_in, self.W_enc, out=out)
             support, stats = self.select_train(a, grads_n)
         values = gather_pre_acts(x_in, self.W_enc, self.b_enc, a, support).relu()
         return SparseSelection(SparseCode(support, values), a, x_in, stats)

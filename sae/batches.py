@@ -266,31 +266,43 @@ def default_prefetch_depth() -> int:
     """2 when the machine has a core beyond torch's intra-op threads, else 0.
 
     Measured (benchmarks/memory_io.py): on a 2-core machine whose cores both run the step's GEMM, a
-    reader thread only competes with them (8,365 vs 8,677 tokens/s); with a spare core it overlaps.
+    reader thread only competes with them (9,025 vs 9,383 tokens/s); with a spare core it overlaps.
     """
     return 2 if (os.cpu_count() or 1) > torch.get_num_threads() else 0
 
 
 @contextmanager
-def batch_reader(stream: BatchStream, start: int, count: int, depth: int | None) -> Iterator[Iterator[Batch]]:
-    """Batches start .. start+count-1 of `stream`, read `depth` ahead in a thread when depth > 0.
+def batch_reader(
+    stream: BatchStream, start: int, stop: int, depth: int | None
+) -> Iterator[Iterator[tuple[int, Batch]]]:
+    """(step, batch) for steps start .. stop-1 of `stream`, read `depth` ahead in a thread when depth > 0.
 
-    depth None picks `default_prefetch_depth()`. Nothing past the last batch is read, and on exit the
-    thread is joined and the stream's generator closed (its files released) before the caller goes on.
+    depth None picks `default_prefetch_depth()`. A stream that ends early is an SAEDataError naming the
+    step. Nothing past the last batch is read, and on exit the thread is joined and the stream's
+    generator closed (its files released) before the caller goes on.
     """
     if depth is None:
         depth = default_prefetch_depth()
     source = stream.batches(start)
     try:
+        items: Iterator[Batch] = islice(source, stop - start)
         if depth > 0:
-            with prefetch(islice(source, count), depth) as items:
-                yield items
+            with prefetch(items, depth) as ahead:
+                yield _numbered(ahead, start, stop)
         else:
-            yield islice(source, count)
+            yield _numbered(items, start, stop)
     finally:
         close = getattr(source, "close", None)
         if close is not None:
             close()
+
+
+def _numbered(batches: Iterator[Batch], start: int, stop: int) -> Iterator[tuple[int, Batch]]:
+    for step in range(start, stop):
+        batch = next(batches, None)
+        if batch is None:
+            raise SAEDataError(f"the activations ran out at step {step} of {stop}.")
+        yield step, batch
 
 
 def make_stream(
@@ -327,10 +339,10 @@ def _make_global_stream(
         local = batch_size // world_size
         sharded = world_size > 1
         options: dict[str, Any] = {} if buffer_rows is None else {"buffer_rows": buffer_rows}
+        if sharded:  # this rank reads only its own share of the cache
+            options.update(rank=rank, world_size=world_size)
 
         def read_pass(epoch: int) -> Iterable[Any]:
-            if sharded:  # this rank reads only its own share of the cache
-                options.update(rank=rank, world_size=world_size)
             return cache.iter_batches(local, shuffle=shuffle, seed=epoch_seed(seed, epoch), **options)
 
         tokens = (int(cache.n_tokens) // batch_size) * batch_size

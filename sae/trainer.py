@@ -173,13 +173,9 @@ class Trainer:
             self.initialize()
         logger = TrainLogger(self.total_steps, self.step, self.cfg.batch_size, self.cfg, self.log_fn)
         metrics: dict[str, float] = {}
-        count = self.total_steps - self.step
         try:
-            with batch_reader(self.stream, self.step, count, self.cfg.prefetch_batches) as batches:
-                for step in range(self.step, self.total_steps):
-                    batch = next(batches, None)
-                    if batch is None:
-                        raise SAEDataError(f"the activations ran out at step {step} of {self.total_steps}.")
+            with batch_reader(self.stream, self.step, self.total_steps, self.cfg.prefetch_batches) as batches:
+                for step, batch in batches:
                     metrics = self.advance(step, batch, logger)
         finally:
             logger.close()
@@ -227,7 +223,6 @@ class Trainer:
         aux = x_n.new_zeros(())
         if weights is not None:
             aux = aux_reconstruction_loss(selection.pre_acts, residual, sae.W_dec, weights, self.k_aux, self.coll)
-        assert selection.support is not None
         support = selection.support
         return nmse(x_n, x_hat, self.coll), aux, SparseCode(support, z[support.rows, support.cols]), selection.stats
 

@@ -231,7 +231,7 @@ def test_prefetch_keeps_order_reraises_and_leaves_no_thread():
                 self.closed = True
 
     stream = CountingStream()
-    with batch_reader(stream, start=5, count=7, depth=2) as batches:
-        assert list(batches) == list(range(5, 12))
+    with batch_reader(stream, start=5, stop=12, depth=2) as batches:
+        assert list(batches) == [(step, step) for step in range(5, 12)]
     assert stream.made <= 7 + 1 and stream.closed  # nothing read past the end; the generator was closed
     assert not [t for t in threading.enumerate() if t.name == "saewb-prefetch"]
