@@ -108,8 +108,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""x [rows, d] -> (x_hat [rows, d], active latents per row [rows])."""
+
+
 @torch.no_grad()
-def heldout_fvu(reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]], heldout: Tensor) -> tuple[float, float]:
+def heldout_fvu(reconstruct: Reconstruct, heldout: Tensor) -> tuple[float, float]:
     """(FVU, mean L0) over the held-out rows, in float64, chunked like training batches.
 
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 with mean(x) the held-out mean; `reconstruct`
@@ -125,8 +129,28 @@ def heldout_fvu(reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]], heldout:
     return err / total, active / heldout.shape[0]
 
 
-def emit(args: argparse.Namespace, framework: str, version: str, clock: StepClock, **fields: Any) -> None:
-    """Print the run's one JSON line (last line of stdout: bench_training.py reads it)."""
+def emit(
+    args: argparse.Namespace,
+    framework: str,
+    version: str,
+    clock: StepClock,
+    heldout: Tensor,
+    reconstruct: Reconstruct,
+    reconstruct_batch_mode: Reconstruct | None = None,
+    **fields: Any,
+) -> None:
+    """Evaluate on the held-out rows and print the run's one JSON line (last line of stdout).
+
+    `reconstruct` is the framework's inference rule; `reconstruct_batch_mode`, for batch-level
+    architectures, its training rule on held-out batches. Both go through `heldout_fvu`, so every
+    framework is scored by the same code.
+    """
+    fields["fvu_heldout"], fields["l0_heldout"] = heldout_fvu(reconstruct, heldout)
+    fields["heldout_rows"] = heldout.shape[0]
+    if reconstruct_batch_mode is not None:
+        fields["fvu_heldout_batch_mode"], fields["l0_heldout_batch_mode"] = heldout_fvu(
+            reconstruct_batch_mode, heldout
+        )
     timed_steps = args.steps - args.warmup_steps
     loop_s = clock.loop_seconds(args.warmup_steps)
     result = {

@@ -13,7 +13,7 @@ import time
 from importlib.metadata import version
 
 import torch
-from bench_protocol import StepClock, emit, heldout_fvu, load_data, parse_options, peak_rss_mb, runner_args
+from bench_protocol import StepClock, emit, load_data, parse_options, peak_rss_mb, runner_args
 
 import sae
 
@@ -79,16 +79,10 @@ def main() -> None:
         z = model.encode(x)
         return model.decode(z, x), (z > 0).sum(dim=1)
 
-    fvu, l0 = heldout_fvu(reconstruct, heldout)
-    batch_mode: dict[str, float] = {}
-    if args.arch in ("mutual_choice", "feature_choice"):  # the training rule on held-out batches of B
+    def reconstruct_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = model.encode_batch(x)  # the training rule on held-out batches of B
+        return model.decode(z, x), (z > 0).sum(dim=1)
 
-        def reconstruct_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            z = model.encode_batch(x)
-            return model.decode(z, x), (z > 0).sum(dim=1)
-
-        fvu_b, l0_b = heldout_fvu(reconstruct_batch, heldout)
-        batch_mode = {"fvu_heldout_batch_mode": fvu_b, "l0_heldout_batch_mode": l0_b}
     settings = dataclasses.asdict(trainer.cfg)
     settings["norm_estimation_batches"] = min(settings["norm_estimation_batches"], args.steps)  # as initialize()
     emit(
@@ -96,15 +90,14 @@ def main() -> None:
         "ours",
         version("sae-workbench"),
         clock,
+        heldout,
+        reconstruct,
+        reconstruct_batch if args.arch in ("mutual_choice", "feature_choice") else None,
         init_s=init_s,
         total_s=total_s,
         peak_rss_mb=rss,
         rss_before_training_mb=rss_before,
-        fvu_heldout=fvu,
-        l0_heldout=l0,
-        heldout_rows=heldout.shape[0],
         inference_rule=INFERENCE_RULES.get(args.arch, "the architecture's encode()"),
-        **batch_mode,
         settings={key: settings[key] for key in REPORTED_SETTINGS if key in settings},
     )
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from bench_protocol import StepClock, batches, emit, heldout_fvu, load_data, parse_options, peak_rss_mb, runner_args
+from bench_protocol import StepClock, batches, emit, load_data, parse_options, peak_rss_mb, runner_args
 from sae_lens import (
     SAE,
     BatchTopKTrainingSAE,
@@ -130,31 +130,23 @@ def main() -> None:
         z = inference.encode(x)
         return inference.decode(z), (z > 0).sum(dim=1)
 
-    fvu, l0 = heldout_fvu(reconstruct, heldout)
-    batch_mode: dict[str, float] = {}
-    if args.arch == "batchtopk":  # the training rule (top k*B of the batch) on held-out batches of B
+    def reconstruct_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = trained.encode(trainer.activation_scaler.scale(x))  # top k*B of each held-out batch of B
+        return trainer.activation_scaler.unscale(trained.decode(z)), (z > 0).sum(dim=1)
 
-        @torch.no_grad()
-        def reconstruct_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            z = trained.encode(trainer.activation_scaler.scale(x))
-            return trainer.activation_scaler.unscale(trained.decode(z)), (z > 0).sum(dim=1)
-
-        fvu_b, l0_b = heldout_fvu(reconstruct_batch, heldout)
-        batch_mode = {"fvu_heldout_batch_mode": fvu_b, "l0_heldout_batch_mode": l0_b}
     emit(
         args,
         "saelens",
         __version__,
         clock,
+        heldout,
+        reconstruct,
+        reconstruct_batch if args.arch == "batchtopk" else None,
         init_s=init_s,
         total_s=total_s,
         peak_rss_mb=rss,
         rss_before_training_mb=rss_before,
-        fvu_heldout=fvu,
-        l0_heldout=l0,
-        heldout_rows=heldout.shape[0],
         inference_rule=rule,
-        **batch_mode,
         inference_class=type(inference).__name__,
         settings={
             "lr": args.lr,

@@ -29,7 +29,6 @@ from bench_protocol import (  # noqa: E402
     StepClock,
     batches,
     emit,
-    heldout_fvu,
     load_data,
     parse_options,
     peak_rss_mb,
@@ -82,19 +81,17 @@ def main() -> None:
         top_acts, top_indices, _ = coder.encode(x)
         return coder.decode(top_acts, top_indices), (top_acts > 0).sum(dim=1)
 
-    fvu, l0 = heldout_fvu(reconstruct, heldout)
     emit(
         args,
         "sparsify",
         version("eai-sparsify"),
         clock,
+        heldout,
+        reconstruct,
         init_s=0.0,
         total_s=total_s,
         peak_rss_mb=rss,
         rss_before_training_mb=rss_before,
-        fvu_heldout=fvu,
-        l0_heldout=l0,
-        heldout_rows=heldout.shape[0],
         inference_rule="per-token top-k (SparseCoder.encode + decode)",
         settings={
             "lr": args.lr,
