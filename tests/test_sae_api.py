@@ -187,3 +187,13 @@ def test_shuffle_buffer_rows_reaches_a_real_cache_reader(tmp_path, acts):
     assert 600 in seen and None in seen  # set: passed on; unset: the reader's own default
     with pytest.raises(SAEConfigError, match="shuffle_buffer_rows must be a positive integer"):
         sae.train(cache, arch="topk", n_features=32, k=2, batch_size=256, shuffle_buffer_rows=0, **FAST)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("prefetch_batches", -1, "prefetch_batches must be an integer >= 0, got -1"),
+    ("prefetch_batches", 1.5, "prefetch_batches must be an integer >= 0, got 1.5"),
+    ("fire_threshold", -0.1, "fire_threshold must be >= 0, got -0.1"),
+])
+def test_new_train_options_refuse_bad_values(acts, option, value, message):
+    with pytest.raises(SAEConfigError, match=message.replace(".", "\\.")):
+        sae.train(acts, arch="topk", n_features=32, k=2, batch_size=256, **{option: value}, **FAST)
