@@ -7,8 +7,10 @@ import streamlit as st
 from dashboard import figures
 from dashboard.data import get_store
 
-COLUMNS = {"l0": "L0", "fvu": "FVU", "ce_loss_recovered": "CE recovered", "analysis_dead_frac": "dead",
-           "analysis_dense_frac": "dense"}
+COLUMNS = {"selection_rule": "rule", "l0": "L0", "fvu": "FVU", "ce_loss_recovered": "CE recovered",
+           "analysis_dead_frac": "dead", "analysis_dense_frac": "dense"}
+PLAIN_TOPK_COLUMNS = {"plain_topk_fvu": "FVU, plain TopK", "plain_topk_ce_loss_recovered": "CE recovered, plain TopK"}
+"""g-SAE only: the same dictionary scored without gradients (shown when an SAE in the store has them)."""
 
 
 def render() -> None:
@@ -18,12 +20,19 @@ def render() -> None:
         return
     saes = store.saes()
     st.caption(f"{len(saes)} SAE(s) in {store.path}")
+    columns = dict(COLUMNS)
+    if any(key in s["metrics"] for s in saes for key in PLAIN_TOPK_COLUMNS):
+        columns.update(PLAIN_TOPK_COLUMNS)
     table = [
         {"name": s["name"], "arch": s["arch"], "F": s["n_features"], "k": s["k"], "hook": s["hook"],
-         **{label: s["metrics"].get(key) for key, label in COLUMNS.items()}}
+         **{label: s["metrics"].get(key) for key, label in columns.items()}}
         for s in saes
     ]
     st.dataframe(table, width="stretch", hide_index=True)
+    if any(s["arch"] == "gradient_topk" for s in saes):
+        st.caption("rule: which inference rule each number used. A g-SAE's main columns use its gradient rule "
+                   "(the clean model's loss gradient at the hook); 'plain TopK' columns score the same dictionary "
+                   "without gradients.")
     left, right = st.columns(2)
     left.plotly_chart(figures.tradeoff(saes, "fvu", "FVU"), width="stretch")
     if any("ce_loss_recovered" in s["metrics"] for s in saes):

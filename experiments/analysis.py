@@ -414,11 +414,16 @@ def _training_log(sae_dir: Path) -> list[tuple[int, float | None, float | None, 
 
 
 def _metrics(sae_dir: Path) -> dict[str, Any]:
-    """Scalar metrics of eval.json (the per-feature lists stay out of the summary row)."""
+    """Scalar metrics of eval.json (the per-feature lists stay out of the summary row); a g-SAE's plain-TopK
+    numbers come along as plain_topk_<key>, so the dashboard can show both rules."""
     path = sae_dir / "eval.json"
     if not path.exists():
         return {}
-    return {k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, int | float | str | bool)}
+    data = json.loads(path.read_text())
+    scalar = (int, float, str, bool)
+    out = {k: v for k, v in data.items() if isinstance(v, scalar)}
+    out.update({f"plain_topk_{k}": v for k, v in (data.get("plain_topk") or {}).items() if isinstance(v, scalar)})
+    return out
 
 
 def analyze(

@@ -34,7 +34,7 @@ def _train_parser_options(parser: argparse.ArgumentParser) -> None:
 
     add_dataclass_arguments(parser, RunConfig, skip=("options",))
     advanced = parser.add_argument_group(
-        "SAE and trainer options (see ALGORITHMS.md; 'our choice' marks design choices)"
+        "SAE and trainer options (see docs/ALGORITHMS.md; 'our choice' marks design choices)"
     )
     for cls in (SAEConfig, TrainConfig):
         add_dataclass_arguments(advanced, cls, skip=tuple(RESERVED), defaults=_none_defaults(cls))
@@ -108,12 +108,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         max_rows=args.max_rows,
         hook=args.hook,
+        zero_ablate_bos=args.zero_ablate_bos,
     )
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:>22}: {value:.6g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Recalibrate an MC/FC SAE's inference thresholds on cache rows and rewrite its folder."""
+    import json
+
+    import activations
+    import sae
+
+    model = sae.load(args.sae)
+    if not model.calibration_rule:
+        raise sae.SAEConfigError(f"{args.sae} is a {model.arch!r} SAE: only mutual_choice and feature_choice SAEs "
+                                 "have inference thresholds to calibrate.")
+    if args.rows < 1 or args.skip_rows < 0:
+        raise sae.SAEConfigError(f"--rows must be >= 1 and --skip-rows >= 0, got {args.rows} and {args.skip_rows}.")
+    cache = activations.load_cache(args.activations)
+    hook = args.hook or model.metadata.get("hook_name") or cache.hooks[0]
+    if hook not in cache.hooks:
+        raise activations.CacheError(f"the SAE reads hook {hook!r}, but {args.activations} holds {cache.hooks}")
+    stop = min(cache.n_tokens, args.skip_rows + args.rows)
+    if stop <= args.skip_rows:
+        raise sae.SAEConfigError(f"--skip-rows {args.skip_rows} leaves no rows of {args.activations} "
+                                 f"({cache.n_tokens} rows).")
+    rows = cache.rows(args.skip_rows, stop, hook=hook)
+    record = sae.calibrate(model, rows, target_l0=args.target_l0, max_rows=stop - args.skip_rows,
+                           train_batch_size=args.train_batch_size,
+                           source=f"{args.activations} rows {args.skip_rows}-{stop}")
+    model.save(args.sae)
+    print(json.dumps(record))
     return 0
 
 
@@ -175,8 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="model name for CE/KL (e.g. smollm2-135m); omit to skip them")
     evaluate.add_argument("--dataset", help="corpus for CE/KL (default: the cache's own token contexts)")
     evaluate.add_argument("--tokens", type=int, default=8192, help="tokens for CE/KL (default: 8192)")
+    evaluate.add_argument(
+        "--zero-ablate-bos", action="store_true",
+        help="zero BOS positions too in the zero-ablation baseline (SAELens' get_recons_loss convention); by "
+        "default only the non-BOS positions the SAE is spliced into are zeroed",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_eval)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="set a Mutual-Choice / Feature-Choice SAE's inference thresholds from its final weights",
+        description="Recalibrate the inference thresholds of a Mutual-Choice or Feature-Choice SAE on cache rows "
+        "(use a held-out cache): MC gets one threshold with mean L0 = --target-l0 (default k) on the rows; FC "
+        "gets per-latent thresholds so latent i fires on the share m_i/B of rows its training capacity allowed "
+        "(x target/k). The folder is rewritten in place, file by file through temp names; cfg.json records the "
+        "sample and the L0 reached. `saewb train` already does this at the end of every MC/FC run.",
+    )
+    calibrate.add_argument("--sae", required=True, help="MC/FC SAE folder to recalibrate (rewritten in place)")
+    calibrate.add_argument("--activations", required=True, help="activation cache to calibrate on (held-out)")
+    calibrate.add_argument("--target-l0", type=float, help="mean active latents per token to reach (default: k)")
+    calibrate.add_argument("--rows", type=int, default=131_072, help="rows to use (default: 131072, >= 100k advised)")
+    calibrate.add_argument("--skip-rows", type=int, default=0, help="start after this many cache rows (default: 0)")
+    calibrate.add_argument("--hook", help="hook of a multi-hook cache (default: the SAE's hook_name, else the first)")
+    calibrate.add_argument("--train-batch-size", type=int,
+                           help="FC: batch size its capacities refer to (default: the one it was trained with)")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     from dashboard.launch import add_dashboard_parser
     from experiments.analysis import add_analyze_parser

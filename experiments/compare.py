@@ -1,12 +1,17 @@
 """Train several architectures at equal mean L0 on the same cache and compare them side by side.
 
     python -m experiments.compare --activations runs/demo/cache --eval-activations runs/demo/cache-eval \
-        --grads-activations runs/demo/cache-grads --n-features 4608 --k 32 --out runs/compare
+        --grads-activations runs/demo/cache-grads --eval-grads-activations runs/demo/cache-eval-grads \
+        --n-features 4608 --k 16 32 64 --seeds 0 1 2 --out runs/compare
 
 Writes ``comparison.json``, ``comparison.md`` (the table) and ``comparison.html`` (plotly: L0 vs FVU,
 L0 vs CE recovered, dead fraction, per-token L0 histograms) into ``--out``. g-SAE needs a cache with
 gradients, usually smaller (gradients cost a backward pass): it is compared against a TopK trained on
-that same gradient cache, and the table says which data each row saw.
+that same gradient cache, and the table says which data each row saw; g-SAE appears twice, under its
+gradient rule and as plain TopK at inference. With several seeds or k, ``comparison.md`` starts with
+mean ± 95% CI over seeds and the paired differences from TopK (same cache, seed and k), and
+``comparison_pareto.html`` draws L0–FVU and L0–ΔCE curves over k. Finished runs are reused, so an
+interrupted comparison resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from activations.storage import atomic_write_bytes, atomic_write_json
-from experiments.training import RunConfig, json_safe, train_run
+import numpy as np
+from tqdm.auto import tqdm
 
-ARCHS = ("topk", "mutual_choice", "feature_choice")
+import activations
+import sae as sae_lib
+from activations.storage import atomic_write_bytes, atomic_write_json
+from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, sae_in_the_loop
+from experiments.training import RunConfig, json_safe, train_run
+from sae.errors import SAEConfigError
+
 COLUMNS = (  # header, metric key, format
     ("run", "run", "{}"),
     ("data", "data", "{}"),
@@ -41,101 +52,160 @@ COLUMNS = (  # header, metric key, format
 )
 
 
-def plan_runs(base: RunConfig, grads_activations: str | None) -> list[tuple[str, RunConfig]]:
-    """TopK, MC and FC on the main cache; g-SAE and its TopK baseline on the gradient cache."""
-    runs = [(arch, replace(base, arch=arch, out=str(Path(base.out) / arch))) for arch in ARCHS]
+RUN_SPECS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (  # label, arch, options, on the gradient cache
+    ("topk", "topk", {}, False),
+    ("mutual_choice", "mutual_choice", {}, False),
+    ("feature_choice", "feature_choice", {}, False),
+    ("feature_choice+zipf", "feature_choice", {"fc_capacity": "zipf"}, False),
     # aux_zipf targets under-used latents as well as dead ones (Ayonrinde 2024): compare it with AuxK on MC.
-    runs.append(
-        (
-            "mutual_choice+aux_zipf",
-            replace(
-                base,
-                arch="mutual_choice",
-                out=str(Path(base.out) / "mc_aux_zipf"),
-                options={**base.options, "aux_loss": "aux_zipf"},
-            ),
-        )
-    )
-    if grads_activations:
-        for arch, label in (("gradient_topk", "gradient_topk"), ("topk", "topk@grads-cache")):
-            runs.append(
-                (
-                    label,
-                    replace(
-                        base,
-                        arch=arch,
-                        activations=grads_activations,
-                        out=str(Path(base.out) / label.replace("@", "_")),
-                    ),
-                )
-            )
+    ("mutual_choice+aux_zipf", "mutual_choice", {"aux_loss": "aux_zipf"}, False),
+    ("gradient_topk", "gradient_topk", {}, True),
+    ("topk@grads-cache", "topk", {}, True),
+)
+BASELINE = {False: "topk", True: "topk@grads-cache"}
+"""The TopK run each row is paired with: the one trained on the same cache, seed and k."""
+
+
+def plan_runs(
+    base: RunConfig,
+    grads_activations: str | None,
+    eval_grads_activations: str | None = None,
+    seeds: list[int] | None = None,
+    ks: list[int] | None = None,
+    labels: list[str] | None = None,
+    grads_total_tokens: int | None = None,
+) -> list[tuple[str, RunConfig]]:
+    """Every run of the comparison: each label of RUN_SPECS at each k and seed, equal training tokens.
+
+    g-SAE and its TopK baseline train on the gradient cache (and are evaluated on the gradient eval cache,
+    so g-SAE is scored with its own rule), for grads_total_tokens (default: the base's) since a gradient
+    cache is usually small. One seed and one k keep the flat layout out/<label>; a grid writes
+    out/k<k>-s<seed>/<label>.
+    """
+    seeds, ks = seeds or [base.seed], ks or [base.k]
+    known = [spec[0] for spec in RUN_SPECS]
+    unknown = sorted(set(labels or []) - set(known))
+    if unknown:
+        raise SAEConfigError(f"unknown comparison run(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+    grid = len(seeds) > 1 or len(ks) > 1
+    runs = []
+    for k in ks:
+        for seed in seeds:
+            folder = Path(base.out) / (f"k{k}-s{seed}" if grid else "")
+            for label, arch, options, on_grads in RUN_SPECS:
+                if (labels and label not in labels) or (on_grads and not grads_activations):
+                    continue
+                cfg = replace(base, arch=arch, k=k, seed=seed, out=str(folder / label.replace("@", "_")),
+                              options={**base.options, **options})
+                if on_grads:
+                    cfg = replace(cfg, activations=grads_activations,
+                                  eval_activations=eval_grads_activations or cfg.eval_activations,
+                                  total_tokens=grads_total_tokens or cfg.total_tokens)
+                runs.append((label, cfg))
     return runs
 
 
+def select_learning_rates(
+    runs: list[tuple[str, RunConfig]], multipliers: list[float], tokens: int, validation_rows: int, out: Path,
+    validation_activations: str | None = None,
+) -> dict[str, float]:
+    """Per label, the lr from multipliers x default with the lowest validation FVU; applied to every k and seed.
+
+    Each label trains once per multiplier on `tokens` tokens at the first (k, seed) of the plan and is scored
+    on `validation_rows` eval-cache rows placed after the metric rows (eval_offset), so the choice never
+    sees the rows the comparison reports. Runs on the gradient cache validate on `validation_activations`
+    (the main eval cache: its gradient eval cache is too small to split), g-SAE there as plain TopK.
+    Finished selection runs are reused; the choice is written to out/lr_selection.json.
+    """
+    first: dict[str, RunConfig] = {}
+    for label, cfg in runs:
+        first.setdefault(label, cfg)
+    chosen, report = {}, {}
+    for label, cfg in first.items():
+        base_lr = cfg.lr or sae_lib.default_lr(cfg.n_features)
+        on_grads = next(s for s in RUN_SPECS if s[0] == label)[3]
+        scores = {}
+        for m in multipliers:
+            folder = out / "lr-select" / f"{label.replace('@', '_')}-x{m:g}"
+            trial = replace(
+                cfg, lr=base_lr * m, total_tokens=tokens, out=str(folder), eval_offset=cfg.eval_tokens,
+                eval_tokens=validation_rows, progress=False,
+                eval_activations=(validation_activations or cfg.eval_activations) if on_grads else cfg.eval_activations,
+            )
+            _, metrics = _train_or_reuse(label, trial)
+            scores[m] = metrics["fvu"]
+        best = min(scores, key=lambda m: scores[m])
+        chosen[label] = base_lr * best
+        report[label] = {"default_lr": base_lr, "chosen_multiplier": best, "chosen_lr": base_lr * best,
+                         "tokens": tokens, "validation_fvu_by_multiplier": {f"{m:g}": v for m, v in scores.items()}}
+        print(f"[compare] {label}: lr x{best:g} ({base_lr * best:.3g}); validation FVU "
+              + ", ".join(f"x{m:g} {v:.4f}" for m, v in scores.items()), file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "lr_selection.json", json_safe(report))
+    return chosen
+
+
+def _train_or_reuse(label: str, cfg: RunConfig, log_fn=None) -> tuple[Any, dict[str, Any]]:
+    """A finished run folder of the same RunConfig is loaded; anything else is trained (resuming checkpoints)."""
+    eval_path, saved = Path(cfg.out) / "eval.json", Path(cfg.out) / "run_config.json"
+    finished = eval_path.exists() and (Path(cfg.out) / "cfg.json").exists() and saved.exists()
+    if finished and json.loads(saved.read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg))):
+        print(f"[compare] {label}: reusing the finished run in {cfg.out}", file=sys.stderr)
+        return sae_lib.load(cfg.out), json.loads(eval_path.read_text())
+    print(f"[compare] training {label} ({cfg.arch}, k={cfg.k}, seed {cfg.seed}) on {cfg.activations}", file=sys.stderr)
+    return train_run(cfg, log_fn=log_fn)
+
+
 def run_comparison(runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int, log_fn=None) -> list[dict[str, Any]]:
-    """Train (or reuse a finished run), evaluate, and add CE/KL with the model (a name, an object or None)."""
-    import numpy as np
+    """Train (or reuse a finished run), evaluate, and add CE/KL with the model (a name, an object or None).
 
-    import activations
-    from experiments.evaluation import sae_in_the_loop
-
+    A g-SAE gives two rows: its gradient rule and plain TopK at inference. Resumable: a run whose folder
+    holds eval.json for the same RunConfig is reused, and CE/KL once computed are kept in eval.json.
+    """
     if isinstance(model, str):
         model = activations.load_model(model)
     rows = []
-    for label, cfg in runs:
-        eval_path, saved = Path(cfg.out) / "eval.json", Path(cfg.out) / "run_config.json"
-        finished = eval_path.exists() and (Path(cfg.out) / "cfg.json").exists() and saved.exists()
-        if finished and json.loads(saved.read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg))):
-            import sae as sae_lib
-
-            trained, metrics = sae_lib.load(cfg.out), json.loads(eval_path.read_text())
-            print(f"[compare] {label}: reusing the finished run in {cfg.out}", file=sys.stderr)
-        else:
-            print(f"[compare] training {label} ({cfg.arch}) on {cfg.activations}", file=sys.stderr)
-            trained, metrics = train_run(cfg, log_fn=log_fn)
-        row = {
-            "run": label,
-            "arch": cfg.arch,
-            "data": Path(cfg.activations).name,
-            "out": cfg.out,
-            **{
-                k: metrics.get(k)
-                for k in (
-                    "l0",
-                    "l0_std",
-                    "fvu",
-                    "dead_frac",
-                    "dense_frac",
-                    "zero_latent_token_frac",
-                    "train_tokens",
-                    "train_tokens_per_s",
-                    "in_sample",
-                    "batch_mode",
-                )
-            },
-        }
-        batch_mode = metrics.get("batch_mode")
-        if batch_mode:  # MC/FC: the training selection rerun on eval batches (batch-size dependent)
-            row["batch_mode_text"] = f"{batch_mode['l0']:.1f} / {batch_mode['fvu']:.4f}"
-        row["l0_histogram"] = metrics.get("l0_histogram")
-        density = metrics.get("density")
-        if density is not None:
-            row["rare_frac"] = float(sum(1 for p in _as_list(density) if p < 1e-3) / len(_as_list(density)))
-        if model is not None:
-            if "ce_loss_recovered" not in metrics:
-                cache = activations.load_cache(cfg.eval_activations or cfg.activations)
-                n_ctx = max(1, -(-ce_tokens // int(cache.manifest["context"])))
-                tokens = np.asarray(cache.tokens[:n_ctx])
-                metrics.update(sae_in_the_loop(model, trained, cfg.hook or cache.hooks[0], tokens))
-                atomic_write_json(eval_path, json_safe(metrics))
-            row.update(
-                {
-                    k: metrics[k]
-                    for k in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_loss_recovered", "delta_ce", "kl_div")
-                }
-            )
+    bar = tqdm(runs, desc="compare", unit="run", disable=len(runs) < 2)
+    for label, cfg in bar:
+        bar.set_postfix_str(f"{label} k={cfg.k} seed={cfg.seed}")
+        eval_path = Path(cfg.out) / "eval.json"
+        trained, metrics = _train_or_reuse(label, replace(cfg, progress=cfg.progress and len(runs) < 2), log_fn)
+        if model is not None and "ce_loss_recovered" not in metrics:
+            cache = activations.load_cache(cfg.eval_activations or cfg.activations)
+            n_ctx = max(1, -(-ce_tokens // int(cache.manifest["context"])))
+            tokens = np.asarray(cache.tokens[:n_ctx])
+            ce = sae_in_the_loop(model, trained, cfg.hook or cache.hooks[0], tokens)
+            plain_ce = ce.pop("plain_topk", None)
+            metrics.update(ce)
+            if plain_ce is not None:
+                metrics.setdefault("plain_topk", {}).update(plain_ce)
+            atomic_write_json(eval_path, json_safe(metrics))
+        row = _row(label, cfg, metrics)
         rows.append(row)
+        if "plain_topk" in metrics:  # g-SAE under plain TopK: the same dictionary, the other rule
+            plain = {**metrics, **metrics["plain_topk"]}
+            rows.append({**_row(label, cfg, plain), "run": f"{label} ({PLAIN_TOPK_RULE})"})
+            row["run"] = f"{label} ({metrics.get('selection_rule', GRADIENT_RULE)})"
     return rows
+
+
+def _row(label: str, cfg: RunConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("l0", "l0_std", "fvu", "dead_frac", "dense_frac", "zero_latent_token_frac", "train_tokens",
+            "train_tokens_per_s", "in_sample", "batch_mode", "selection_rule", "ce_loss_clean", "ce_loss_sae",
+            "ce_loss_zero", "ce_loss_recovered", "delta_ce", "kl_div", "ce_eval_tokens")
+    row = {"run": label, "label": label, "arch": cfg.arch, "k": cfg.k, "seed": cfg.seed,
+           "data": Path(cfg.activations).name, "out": cfg.out, **{k: metrics.get(k) for k in keys}}
+    batch_mode = metrics.get("batch_mode")
+    if batch_mode:  # MC/FC: the training selection rerun on eval batches (batch-size dependent)
+        row["batch_mode_text"] = f"{batch_mode['l0']:.1f} / {batch_mode['fvu']:.4f}"
+        row["batch_mode_fvu"] = batch_mode["fvu"]
+    row["l0_histogram"] = metrics.get("l0_histogram")
+    density = metrics.get("density")
+    if density is not None:
+        values = _as_list(density)
+        row["rare_frac"] = float(sum(1 for p in values if p < 1e-3) / len(values))
+    row["calibration"] = (metrics.get("calibration") or None)
+    return row
 
 
 def _as_list(values: Any) -> list[float]:
@@ -207,13 +277,111 @@ def figures_html(rows: list[dict[str, Any]]) -> str:
     return fig.to_html(include_plotlyjs="cdn", full_html=True)
 
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Two-sided 95% Student-t quantiles by degrees of freedom (n seeds - 1); 1.96 beyond."""
+SUMMARY_METRICS = (  # key, header, format: what the seed-aggregated tables report
+    ("l0", "L0", "{:.1f}"),
+    ("fvu", "FVU", "{:.4f}"),
+    ("batch_mode_fvu", "FVU batch mode", "{:.4f}"),
+    ("dead_frac", "dead", "{:.3f}"),
+    ("rare_frac", "rare (ρ<1e-3)", "{:.3f}"),
+    ("delta_ce", "ΔCE", "{:.4f}"),
+    ("ce_loss_recovered", "CE recovered", "{:.3f}"),
+    ("kl_div", "KL", "{:.4f}"),
+)
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (nan for one value)."""
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, float("nan")
+    return mean, T_975.get(n - 1, 1.96) * float(np.std(values, ddof=1)) / n**0.5
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (run, k): mean ± 95% CI over seeds of each metric, and the paired difference from the TopK
+    baseline trained on the same cache with the same seed and k (the interval of the per-seed differences)."""
+    by_key: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault((row["run"], row["k"]), {})[row["seed"]] = row
+    out = []
+    for (run, k), seeds in by_key.items():
+        spec = next(s for s in RUN_SPECS if s[0] == seeds[next(iter(seeds))]["label"])
+        base = by_key.get((BASELINE[spec[3]], k), {})
+        summary: dict[str, Any] = {"run": run, "k": k, "seeds": sorted(seeds), "baseline": BASELINE[spec[3]]}
+        for key, _, _ in SUMMARY_METRICS:
+            values = [r[key] for r in seeds.values() if r.get(key) is not None]
+            if values:
+                summary[key] = interval(values)
+            diffs = [r[key] - base[s][key] for s, r in seeds.items()
+                     if r.get(key) is not None and s in base and base[s].get(key) is not None]
+            if diffs and run != summary["baseline"]:
+                summary[f"{key}_vs_baseline"] = interval(diffs)
+        out.append(summary)
+    return out
+
+
+def summary_tables(summaries: list[dict[str, Any]]) -> str:
+    """Markdown: metrics as mean ± 95% CI over seeds, then paired differences from TopK."""
+
+    def cell(value, fmt: str) -> str:
+        if value is None:
+            return "–"
+        mean, half = value
+        return fmt.format(mean) + ("" if half != half else " ± " + fmt.format(half))
+
+    heads = [h for _, h, _ in SUMMARY_METRICS]
+    lines = ["| run | k | seeds | " + " | ".join(heads) + " |", "|" + "---|" * (3 + len(heads))]
+    for s in summaries:
+        cells = [cell(s.get(key), fmt) for key, _, fmt in SUMMARY_METRICS]
+        lines.append(f"| {s['run']} | {s['k']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences from the TopK trained on the same cache, seed and k (run − TopK, 95% CI):", ""]
+    lines += ["| run | k | vs | " + " | ".join("Δ " + h for h in heads) + " |", "|" + "---|" * (3 + len(heads))]
+    for s in summaries:
+        if s["run"] == s["baseline"]:
+            continue
+        cells = [cell(s.get(f"{key}_vs_baseline"), fmt) for key, _, fmt in SUMMARY_METRICS]
+        lines.append(f"| {s['run']} | {s['k']} | {s['baseline']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_html(summaries: list[dict[str, Any]]) -> str:
+    """L0–FVU and L0–ΔCE curves, one line per run over k, with 95% CI error bars."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("L0 vs FVU (lower is better)", "L0 vs ΔCE (lower is better)"))
+    for run in dict.fromkeys(s["run"] for s in summaries):
+        points = sorted((s for s in summaries if s["run"] == run), key=lambda s: s["k"])
+        for col, key in ((1, "fvu"), (2, "delta_ce")):
+            pts = [p for p in points if p.get(key) and p.get("l0")]
+            if not pts:
+                continue
+            fig.add_trace(go.Scatter(
+                x=[p["l0"][0] for p in pts], y=[p[key][0] for p in pts], mode="lines+markers", name=run,
+                legendgroup=run, showlegend=col == 1,
+                error_y={"type": "data", "array": [0 if p[key][1] != p[key][1] else p[key][1] for p in pts]},
+            ), 1, col)
+    fig.update_xaxes(title_text="mean L0 (threshold mode for MC/FC)")
+    fig.update_layout(height=500, title="Pareto curves over k, mean ± 95% CI over seeds")
+    return fig.to_html(include_plotlyjs="cdn", full_html=True)
+
+
 def write_report(rows: list[dict[str, Any]], out: Path) -> str:
     rows = json_safe(rows)  # histograms arrive as tensors
     table = markdown_table(rows)
     out.mkdir(parents=True, exist_ok=True)
+    html = figures_html(rows)
+    if len({(r.get("k"), r.get("seed")) for r in rows}) > 1:  # a grid over seeds / k: aggregate it
+        summaries = aggregate(rows)
+        table = summary_tables(summaries) + "\nEvery run:\n\n" + table
+        atomic_write_json(out / "comparison_summary.json", json_safe(summaries))
+        atomic_write_bytes(out / "comparison_pareto.html", pareto_html(summaries).encode())
     atomic_write_json(out / "comparison.json", rows)
     atomic_write_bytes(out / "comparison.md", table.encode())
-    atomic_write_bytes(out / "comparison.html", figures_html(rows).encode())
+    atomic_write_bytes(out / "comparison.html", html.encode())
     return table
 
 
@@ -224,12 +392,26 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m experiments.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--activations", required=True, help="training cache (TopK, MC, FC)")
-    parser.add_argument("--eval-activations", help="held-out cache for every run's metrics")
+    parser.add_argument("--eval-activations", help="held-out cache for every run's metrics and MC/FC calibration")
     parser.add_argument("--grads-activations", help="cache with --with-grads for g-SAE and its TopK baseline")
+    parser.add_argument("--eval-grads-activations",
+                        help="held-out cache with --with-grads: g-SAE is then scored with its gradient rule too")
     parser.add_argument("--n-features", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, nargs="+", default=[32], help="one or more k (a Pareto curve over k)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; >= 3 gives 95%% intervals")
+    parser.add_argument("--runs", nargs="+", help=f"subset of: {', '.join(s[0] for s in RUN_SPECS)}")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--total-tokens", type=int, help="training tokens per run (default: one pass)")
+    parser.add_argument("--grads-total-tokens", type=int,
+                        help="training tokens of g-SAE and its TopK baseline (default: --total-tokens)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default: 2e-4/sqrt(F/2^14))")
+    parser.add_argument("--lr-multipliers", type=float, nargs="+",
+                        help="choose each run's lr among these multiples of the default by validation FVU (0.5 1 2)")
+    parser.add_argument("--lr-select-tokens", type=int, default=262_144, help="training tokens of each lr trial")
+    parser.add_argument("--validation-rows", type=int, default=32_768,
+                        help="eval-cache rows after the metric rows that score the lr trials")
+    parser.add_argument("--eval-tokens", type=int, default=65_536,
+                        help="eval-cache rows for the metrics; MC/FC calibrate on the rows after them")
     parser.add_argument("--model", default="smollm2-135m", help="for CE/KL; 'none' skips them")
     parser.add_argument("--ce-tokens", type=int, default=4096)
     parser.add_argument("--out", default="runs/compare")
@@ -241,15 +423,21 @@ def main(argv: list[str] | None = None) -> int:
             activations=args.activations,
             out=args.out,
             n_features=args.n_features,
-            k=args.k,
+            k=args.k[0],
             batch_size=args.batch_size,
             total_tokens=args.total_tokens,
+            lr=args.lr,
             eval_activations=args.eval_activations,
+            eval_tokens=args.eval_tokens,
             wandb=args.wandb,
         )
-        rows = run_comparison(
-            plan_runs(base, args.grads_activations), None if args.model == "none" else args.model, args.ce_tokens
-        )
+        runs = plan_runs(base, args.grads_activations, args.eval_grads_activations, args.seeds, args.k, args.runs,
+                         args.grads_total_tokens)
+        if args.lr_multipliers:
+            lrs = select_learning_rates(runs, args.lr_multipliers, args.lr_select_tokens, args.validation_rows,
+                                        Path(args.out), args.eval_activations)
+            runs = [(label, replace(cfg, lr=lrs[label])) for label, cfg in runs]
+        rows = run_comparison(runs, None if args.model == "none" else args.model, args.ce_tokens)
         print(write_report(rows, Path(args.out)))
         return 0
 

@@ -1,9 +1,10 @@
 """The main job on the embedded default: cache SmolLM2 activations, train the four architectures, compare.
 
 Three caches of one document stream (corpus 'default', seed 0), consecutive and never overlapping:
-``cache`` (training), ``cache-eval`` (held-out rows for every metric) and ``cache-grads`` (with
+``cache`` (training), ``cache-eval`` (held-out rows for every metric), ``cache-grads`` (with
 gradients, for g-SAE: a backward pass makes it ~10x slower to cache, so it is small and g-SAE is
-compared against a TopK trained on the same rows for the same number of steps).
+compared against a TopK trained on the same rows for the same number of steps) and ``cache-eval-grads``
+(held-out rows with gradients, so g-SAE is also scored with its own gradient rule).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class DemoConfig:
     "Tokens in the held-out cache."
     grads_tokens: int = 16_384
     "Tokens in the gradient cache (g-SAE)."
+    eval_grads_tokens: int = 4096
+    "Tokens in the held-out gradient cache (g-SAE scored with its gradient rule)."
     n_features: int = 2304
     "Latents per SAE (4 x d_model)."
     k: int = 32
@@ -79,6 +82,9 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     skip = train["n_contexts"] + -(-cfg.eval_tokens // train["context"])
     say(f"3/5 gradient cache for g-SAE: {cfg.grads_tokens:,} tokens with gradients -> {out / 'cache-grads'}")
     _cache(model, out / "cache-grads", cfg.grads_tokens, skip=skip, with_grads=True)
+    skip += -(-cfg.grads_tokens // train["context"])
+    say(f"   held-out gradient cache: {cfg.eval_grads_tokens:,} tokens -> {out / 'cache-eval-grads'}")
+    _cache(model, out / "cache-eval-grads", cfg.eval_grads_tokens, skip=skip, with_grads=True)
     base = RunConfig(
         activations=str(out / "cache"),
         eval_activations=str(out / "cache-eval"),
@@ -94,14 +100,16 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         f"4/5 training topk, mutual_choice, feature_choice, gradient_topk (+ topk on the gradient cache), "
         f"F={cfg.n_features}, k={cfg.k}, {base.total_tokens:,} tokens each"
     )
-    rows = run_comparison(plan_runs(base, str(out / "cache-grads")), model, cfg.ce_tokens)
+    runs = plan_runs(base, str(out / "cache-grads"), str(out / "cache-eval-grads"))
+    rows = run_comparison(runs, model, cfg.ce_tokens)
     table = write_report(rows, out / "sae")
     print(table)
     say(f"SAEs in {out / 'sae'}; table {out / 'sae' / 'comparison.md'}; plots {out / 'sae' / 'comparison.html'}")
     store = out / "store"
-    say(f"5/5 analysing {len(rows)} SAEs on the held-out cache into {store} (top contexts, logit lens, densities)")
-    for row in rows:
-        analyze(row["out"], out / "cache-eval", model=model, out=store, name=row["run"], progress=False)
+    n_saes = len({row["out"] for row in rows})
+    say(f"5/5 analysing {n_saes} SAEs on the held-out cache into {store} (top contexts, logit lens, densities)")
+    for folder, label in dict.fromkeys((row["out"], row["label"]) for row in rows):  # g-SAE has two rows, one SAE
+        analyze(folder, out / "cache-eval", model=model, out=store, name=label, progress=False)
     serve_dashboard(cfg, store, say)
     return rows
 

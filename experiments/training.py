@@ -22,6 +22,7 @@ from typing import Any
 
 import sae as sae_lib
 from activations.storage import atomic_write_json
+from experiments.evaluation import cache_eval_batches, cache_metrics
 from sae.config import SAEConfig, TrainConfig
 
 # Options of SAEConfig/TrainConfig that RunConfig sets itself or that make no sense from a run config.
@@ -49,7 +50,7 @@ class RunConfig:
     arch: str = "topk"
     "Architecture: topk, mutual_choice, feature_choice or gradient_topk (g-SAE; needs a --with-grads cache)."
     n_features: int = 4608
-    "Number of latents F (ALGORITHMS recommends 16*d_in; the demo uses 8*d_in)."
+    "Number of latents F (docs/ALGORITHMS.md recommends 16*d_in; the demo uses 4*d_in)."
     k: int = 32
     "Active latents per token (TopK, g-SAE), mean per token (Mutual-Choice), k*B/F per feature (Feature-Choice)."
     out: str = ""
@@ -68,6 +69,8 @@ class RunConfig:
     "Held-out cache for the final metrics (default: the training cache, flagged as in-sample)."
     eval_tokens: int = 65_536
     "Rows of the eval cache used for the final metrics."
+    eval_offset: int = 0
+    "Skip this many eval-cache rows before the metric rows (a validation slice apart from the test rows)."
     checkpoint_every: int | None = None
     "Write a resumable checkpoint every N steps (always at the end)."
     wandb: bool = True
@@ -91,6 +94,8 @@ class RunConfig:
             raise sae_lib.SAEConfigError("give --activations: a cache folder written by `saewb cache`")
         if not self.out:
             raise sae_lib.SAEConfigError("give --out: the folder for the trained SAE")
+        if isinstance(self.eval_offset, bool) or not isinstance(self.eval_offset, int) or self.eval_offset < 0:
+            raise sae_lib.SAEConfigError(f"eval_offset must be an integer >= 0, got {self.eval_offset!r}")
 
 
 def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
@@ -152,13 +157,17 @@ def latest_checkpoint_step(folder: Path) -> int:
 
 
 def trainer_options(cfg: RunConfig) -> dict[str, Any]:
-    """The sae.train options a run folder implies: checkpoints under out/, the run's progress setting."""
-    return {
+    """The sae.train options a run folder implies: checkpoints under out/, the run's progress setting, and
+    no in-sample calibration when the run calibrates on held-out rows afterwards (calibrate_run)."""
+    options = {
         **cfg.options,
         "checkpoint_dir": str(Path(cfg.out) / "checkpoints"),
         "checkpoint_every": cfg.checkpoint_every,
         "progress": cfg.progress,
     }
+    if held_out_calibration_rows(cfg)[1]:
+        options["calibration_rows"] = 0
+    return options
 
 
 def cache_metadata(cache, hook: str) -> dict[str, Any]:
@@ -171,26 +180,21 @@ def cache_metadata(cache, hook: str) -> dict[str, Any]:
     }
 
 
-def cache_eval_batches(cache, hook: str | None, n: int, with_grads: bool, step: int = 4096) -> list[Any]:
-    """The first ``n`` rows of a cache as evaluation batches: tensors, or (acts, grads) pairs for g-SAE."""
-    x = cache.rows(0, n, hook=hook)
-    if not with_grads:
-        return [x[i : i + step] for i in range(0, n, step)]
-    grads = cache.rows(0, n, hook=hook, kind="grads")
-    return [(x[i : i + step], grads[i : i + step]) for i in range(0, n, step)]
-
-
 def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
     """Metrics on the eval cache (first ``eval_tokens`` rows), in the original activation space."""
     import activations
 
     source = cfg.eval_activations or cfg.activations
     cache = activations.load_cache(source)
-    n = min(cfg.eval_tokens, cache.n_tokens)
-    batches = cache_eval_batches(cache, cfg.hook, n, cache.has_grads and model.needs_grads)
-    metrics = sae_lib.evaluate(model, batches)
-    metrics.update({"eval_source": source, "eval_rows": n, "in_sample": cfg.eval_activations is None})
-    if model.cfg.arch in ("mutual_choice", "feature_choice"):
+    start = min(cfg.eval_offset, cache.n_tokens)
+    n = min(cfg.eval_tokens, cache.n_tokens - start)
+    if n < 1:
+        raise sae_lib.SAEConfigError(f"eval_offset={cfg.eval_offset} leaves no rows of {source} ({cache.n_tokens}).")
+    metrics = cache_metrics(model, cache, cfg.hook, n, start)
+    metrics.update({"eval_source": source, "eval_rows": n, "eval_offset": start,
+                    "in_sample": cfg.eval_activations is None})
+    if model.calibration_rule:
+        batches = cache_eval_batches(cache, cfg.hook, n, False, start=start)
         batch_mode = sae_lib.evaluate(model, batches, mode="batch")
         metrics["batch_mode"] = {k: batch_mode[k] for k in ("l0", "fvu") if k in batch_mode}
     return metrics
@@ -232,11 +236,45 @@ def prepare_run(cfg: RunConfig, data: Any, cache, hook: str, log_fn=None) -> sae
     )
 
 
+MIN_HELD_OUT_CALIBRATION_ROWS = 4096
+"""Fewer held-out rows than this beyond the evaluation rows: keep the trainer's in-sample calibration."""
+
+
+def held_out_calibration_rows(cfg: RunConfig) -> tuple[int, int]:
+    """(start, count) of the eval-cache rows a run calibrates MC/FC thresholds on: the rows after those its
+    metrics use, so the reported threshold-mode L0 is measured on rows the calibration never saw; (0, 0)
+    when there is no eval cache or too few such rows (the trainer then calibrates on training rows)."""
+    import activations
+
+    wanted = cfg.options.get("calibration_rows", TrainConfig.calibration_rows)
+    if not cfg.eval_activations or not wanted:
+        return 0, 0
+    n_rows = activations.load_cache(cfg.eval_activations).n_tokens
+    start = min(cfg.eval_offset + cfg.eval_tokens, n_rows)
+    count = min(wanted, n_rows - start)
+    return (start, count) if count >= MIN_HELD_OUT_CALIBRATION_ROWS else (0, 0)
+
+
+def calibrate_run(cfg: RunConfig, model: sae_lib.SAE) -> None:
+    """Calibrate MC/FC thresholds on held-out rows when the eval cache has enough (see above)."""
+    import activations
+
+    start, count = held_out_calibration_rows(cfg) if model.calibration_rule else (0, 0)
+    if not count:
+        return
+    rows = activations.load_cache(cfg.eval_activations).rows(start, start + count, hook=cfg.hook)
+    sae_lib.calibrate(model, rows, max_rows=count, train_batch_size=cfg.batch_size,
+                      source=f"{cfg.eval_activations} rows {start}-{start + count} (held out)")
+
+
 def finish_run(cfg: RunConfig, model: sae_lib.SAE, seconds: float, **extra: Any) -> dict[str, Any]:
-    """Save the trained SAE, evaluate it, and write eval.json (atomically)."""
+    """Calibrate thresholds on held-out rows, save the trained SAE, evaluate it, write eval.json (atomically)."""
     out = Path(cfg.out)
+    calibrate_run(cfg, model)
     model.save(out)
     metrics = evaluate_run(model, cfg)
+    if model.training_info.get("calibration"):
+        metrics["calibration"] = model.training_info["calibration"]
     tokens = model.training_info["tokens"]
     metrics.update(
         {
@@ -251,7 +289,7 @@ def finish_run(cfg: RunConfig, model: sae_lib.SAE, seconds: float, **extra: Any)
         where = "in-sample" if metrics["in_sample"] else "held-out"
         print(
             f"[saewb train] {cfg.arch}: L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.4f}, "
-            f"dead {metrics['dead_frac']:.3f} ({where}); saved to {out}",
+            f"dead {metrics['dead_frac']:.3f} ({where}, {metrics['selection_rule']}); saved to {out}",
             file=sys.stderr,
         )
     return metrics

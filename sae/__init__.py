@@ -7,12 +7,13 @@
 """
 
 from sae.base import SAE
+from sae.calibration import calibrate
 from sae.config import SAEConfig, TrainConfig, field_help
 from sae.errors import SAEConfigError, SAEDataError, SAEError, SAETrainingError
 from sae.metrics import MetricsAccumulator, ce_loss_recovered, evaluate, kl_score
 from sae.registry import ARCHITECTURES, TRAINABLE, get_architecture
 from sae.saelens_format import load_sae as load
-from sae.trainer import Trainer, build_trainer, train
+from sae.trainer import Trainer, build_trainer, default_lr, train
 
 __all__ = [
     "ARCHITECTURES",
@@ -27,6 +28,8 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "build_trainer",
+    "calibrate",
+    "default_lr",
     "ce_loss_recovered",
     "evaluate",
     "field_help",

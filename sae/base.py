@@ -1,4 +1,4 @@
-"""The SAE module shared by every architecture: encoder, decoder, normalisation (ALGORITHMS §0).
+"""The SAE module shared by every architecture: encoder, decoder, normalisation (docs/ALGORITHMS.md §0).
 
 Architectures differ only in the selection mask S: z = S * ReLU(a), a = W_enc(x - b_pre) + b_enc,
 x_hat = W_dec z + b_pre. Subclasses in sae/architectures/ supply `select_train` (the batch
@@ -65,6 +65,10 @@ class SAE(nn.Module):
     needs_grads: ClassVar[bool] = False
     "True when training needs per-token LM-loss gradients alongside the activations."
     trainable: ClassVar[bool] = True
+    calibration_rule: ClassVar[str | None] = None
+    "How sae.calibrate sets the inference thresholds: 'global' (one θ, MC), 'per_latent' (θ_i, FC) or None."
+    optional_state: ClassVar[tuple[str, ...]] = ()
+    "Buffers added after SAEs of this arch were first saved: a folder without them loads them as initialised."
     collectives: Collectives = SINGLE_PROCESS
     "Reductions over data-parallel ranks, set by the Trainer under torchrun (sae/distributed.py)."
 

@@ -1,7 +1,7 @@
 """Resumable streams of equal-size training batches from a tensor, an iterable, or a cache.
 
 Every stream yields (acts [B, d], grads [B, d] | None) by global batch index, so a resumed run
-skips exactly the batches it already consumed and sees the same data order (ALGORITHMS: exact
+skips exactly the batches it already consumed and sees the same data order (docs/ALGORITHMS.md: exact
 resume). `rechunk` is a pure generator: incoming batches of any size -> batches of exactly B.
 Under data parallelism each rank's stream yields its B/W rows of every global batch; a cache
 reads only its own share of the shards (`iter_batches(rank=, world_size=)`).

@@ -1,7 +1,7 @@
 """Typed configs for an SAE and its training run: one source of truth for defaults.
 
 The string under each field is its help text; `field_help(SAEConfig)` returns them for a CLI.
-Items marked "our choice" are design decisions from ALGORITHMS.md's UNCONFIRMED list.
+Items marked "our choice" are design decisions from docs/ALGORITHMS.md's UNCONFIRMED list.
 """
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ class TrainConfig:
     "aux_zipf: fit the Zipf law on density ranks <= this fraction of F (our choice)."
     aux_zipf_r0: float = 0.0
     "aux_zipf: rank offset r0 in log p = c - s*log(r + r0), 1-based ranks (our choice)."
+    aux_zipf_under_use: float = 0.5
+    "aux_zipf: a live latent is a candidate only if its density is <= this fraction of the fitted curve (our choice)."
     dead_tokens: int | None = None
     "A latent is dead after this many tokens without firing; None means min(10M, 20% of the run)."
     fire_threshold: float = 0.0
@@ -152,6 +154,8 @@ class TrainConfig:
     "Show a tqdm progress bar (loss, L0, FVU, dead fraction, tokens/s)."
     sparse_kernels: bool = True
     "Decode and backpropagate through the selected latents only (fast); False runs the dense reference."
+    calibration_rows: int = 131_072
+    "MC/FC: training rows used to calibrate the inference thresholds at the end (0 keeps the EMA thresholds)."
     prefetch_batches: int | None = None
     "Batches read ahead by a background thread; None: 2 when a core is free beyond torch's threads, else 0."
 
@@ -171,6 +175,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise SAEConfigError(f"{name} must be in [0, 1], got {value}.")
+        if not 0 < self.aux_zipf_under_use <= 1:
+            raise SAEConfigError(f"aux_zipf_under_use must be in (0, 1], got {self.aux_zipf_under_use}.")
         if self.grad_clip < 0:
             raise SAEConfigError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}.")
         if self.aux_loss is not None:
@@ -187,6 +193,12 @@ class TrainConfig:
             or self.prefetch_batches < 0
         ):
             raise SAEConfigError(f"prefetch_batches must be an integer >= 0, got {self.prefetch_batches!r}.")
+        if isinstance(self.calibration_rows, bool) or not isinstance(self.calibration_rows, int) or (
+            self.calibration_rows < 0
+        ):
+            raise SAEConfigError(
+                f"calibration_rows must be an integer >= 0 (0 disables), got {self.calibration_rows!r}."
+            )
         for name in ("norm_estimation_batches", "geometric_median_rows", "keep_checkpoints", "log_every"):
             _require_positive_int(name, getattr(self, name))
 

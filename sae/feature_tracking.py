@@ -1,7 +1,7 @@
 """Per-latent firing statistics kept during training: dead-latent counters and EMA densities.
 
 A latent is dead once it has not fired (z > fire_threshold) for `dead_tokens` tokens
-(OpenAI's `tokens_since_fired`, ALGORITHMS §0); the EMA density feeds aux_zipf (§4).
+(OpenAI's `tokens_since_fired`, docs/ALGORITHMS.md §0); the EMA density feeds aux_zipf (§4).
 """
 
 from __future__ import annotations

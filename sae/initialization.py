@@ -1,4 +1,4 @@
-"""Data-dependent initialisation (ALGORITHMS §0): scalar normalisation c and b_pre.
+"""Data-dependent initialisation (docs/ALGORITHMS.md §0): scalar normalisation c and b_pre.
 
 b_pre starts at the geometric median of ~32k activations (OpenAI's sparse_autoencoder), computed
 with Weiszfeld's algorithm; W_enc = W_dec^T is set when the SAE is constructed (sae/base.py).

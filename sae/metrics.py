@@ -1,4 +1,4 @@
-"""Evaluation metrics (ALGORITHMS §7), computed in the original activation space.
+"""Evaluation metrics (docs/ALGORITHMS.md §7), computed in the original activation space.
 
 Pure functions on tensors, plus `MetricsAccumulator`, which streams over batches in float64 so
 dataset-level numbers (FVU with the dataset mean, densities) are exact however the data is split.

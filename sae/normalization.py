@@ -1,4 +1,4 @@
-"""Input normalisation stored with an SAE and undone on its output (ALGORITHMS §0).
+"""Input normalisation stored with an SAE and undone on its output (docs/ALGORITHMS.md §0).
 
 `scalar` multiplies by one constant c = sqrt(d)/E||x|| estimated from data (SAELens
 `expected_average_only_in`); `per_token_standardize` is OpenAI's/BatchTopK's per-row

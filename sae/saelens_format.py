@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,19 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     if sae.saelens_architecture == "jumprelu":
         threshold = state["threshold"].expand(sae.cfg.n_features)
         weights["threshold"] = (threshold / c if scalar else threshold).contiguous()
-    save_file(weights, str(path / WEIGHTS_FILENAME))
     extras = {name: t for name, t in state.items() if name not in ("W_enc", "W_dec")}
-    save_file(extras, str(path / WORKBENCH_TENSORS_FILENAME))
-    with open(path / CFG_FILENAME, "w") as f:
-        json.dump(saelens_cfg(sae), f, indent=2)
+    # Each file is written under a temp name and renamed, so rewriting a folder in place (saewb calibrate)
+    # never leaves a half-written file; cfg.json goes last.
+    _replace(path / WEIGHTS_FILENAME, lambda tmp: save_file(weights, str(tmp)))
+    _replace(path / WORKBENCH_TENSORS_FILENAME, lambda tmp: save_file(extras, str(tmp)))
+    _replace(path / CFG_FILENAME, lambda tmp: tmp.write_text(json.dumps(saelens_cfg(sae), indent=2)))
     return path
+
+
+def _replace(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    os.replace(tmp, target)
 
 
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
@@ -154,6 +162,9 @@ def _load_workbench(path: Path, cfg: dict[str, Any], weights: dict[str, torch.Te
     sae = get_architecture(sae_cfg.arch)(sae_cfg)
     state = load_file(str(path / WORKBENCH_TENSORS_FILENAME))
     state.update(W_enc=weights["W_enc"], W_dec=weights["W_dec"])
+    initial = sae.state_dict()
+    for name in sae.optional_state:  # saved before this buffer existed
+        state.setdefault(name, initial[name])
     sae.load_state_dict(state)
     sae.metadata = {k: v for k, v in cfg.get("metadata", {}).items() if k not in _VERSION_KEYS}
     sae.training_info = ours.get("training", {})

@@ -1,4 +1,4 @@
-"""The training loop shared by every architecture, readable top to bottom (ALGORITHMS §0-§5).
+"""The training loop shared by every architecture, readable top to bottom (docs/ALGORITHMS.md §0-§5).
 
 One step: normalise -> select (the architecture's rule) -> decode -> loss = NMSE + alpha * aux ->
 project decoder gradients -> clip -> Adam -> renormalise decoder rows -> update latent counters
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss, zipf_weights
 from sae.base import GRADS_HINT, SAE
 from sae.batches import BatchStream, batch_reader, make_stream
+from sae.calibration import calibrate
 from sae.checkpoint import Checkpointer, read_checkpoint, restore_optimizer
 from sae.config import FORMAT_VERSION, RUN_ONLY_KEYS, SAEConfig, TrainConfig, config_diff
 from sae.distributed import SINGLE_PROCESS, Collectives, centred_sum_of_squares, default_collectives
@@ -198,6 +199,11 @@ class Trainer:
         # The trained SAE is used by one process from here on (rank 0 evaluates it): a batch-mode encode
         # must not wait on ranks that are no longer training.
         self.sae.collectives = SINGLE_PROCESS
+        rows = min(self.cfg.calibration_rows, self.stream.tokens_per_pass or self.cfg.total_tokens or 0)
+        if self.sae.calibration_rule and rows and self.stream.reiterable and self.coll.is_main:
+            # In-sample: the trainer has no held-out data (saewb train recalibrates on its eval cache).
+            calibrate(self.sae, self.stream.batches(0), max_rows=rows, train_batch_size=self.cfg.batch_size,
+                      source="training data (in-sample)")
 
     def losses(self, x_n: Tensor, g_n: Tensor | None) -> tuple[Tensor, Tensor, SparseCode, dict[str, float]]:
         """(reconstruction NMSE, aux loss, code z, selection stats) of one normalised batch."""
@@ -214,7 +220,7 @@ class Trainer:
             if weights is not None:
                 aux = sparse_aux_loss(
                     sel.encoder_input, sae.W_enc, sae.b_enc, sel.pre_acts, residual, sae.W_dec, weights, self.k_aux,
-                    self.coll,
+                    self.coll, exclude=sel.code.support,
                 )
             return nmse(x_n, x_hat, self.coll), aux, sel.code, sel.stats
         z, selection = sae.encode_train(x_n, g_n)
@@ -222,7 +228,9 @@ class Trainer:
         residual = (x_n - x_hat).detach()
         aux = x_n.new_zeros(())
         if weights is not None:
-            aux = aux_reconstruction_loss(selection.pre_acts, residual, sae.W_dec, weights, self.k_aux, self.coll)
+            aux = aux_reconstruction_loss(
+                selection.pre_acts, residual, sae.W_dec, weights, self.k_aux, self.coll, exclude=selection.support
+            )
         support = selection.support
         return nmse(x_n, x_hat, self.coll), aux, SparseCode(support, z[support.rows, support.cols]), selection.stats
 
@@ -276,7 +284,8 @@ class Trainer:
             return dead.to(self.sae.W_dec.dtype)
         if self.cfg.aux_loss == "aux_zipf":
             weights = zipf_weights(
-                self.tracker.density_ema, dead, self.cfg.aux_zipf_head_fraction, self.cfg.aux_zipf_r0
+                self.tracker.density_ema, dead, self.cfg.aux_zipf_head_fraction, self.cfg.aux_zipf_r0,
+                self.cfg.aux_zipf_under_use,
             )
             return weights.to(self.sae.W_dec.dtype)
         return None
@@ -324,7 +333,7 @@ class Trainer:
         At initialisation (b_enc = 0) every selection rule is invariant to a global encoder scale, so c is
         the least-squares best scalar for the first reconstruction. Without it, a batch-level rule
         (Mutual-Choice) gives a few high-norm tokens hundreds of tied-init latents each and starts at
-        FVU >> 1. A data-driven variant of OpenAI's optional encoder rescaling (ALGORITHMS §0); our choice.
+        FVU >> 1. A data-driven variant of OpenAI's optional encoder rescaling (docs/ALGORITHMS.md §0); our choice.
         """
         if batch is None:
             return

@@ -31,6 +31,7 @@ def _train(arch: str, coll: Collectives) -> Trainer:
     train_cfg = TrainConfig(
         batch_size=B, progress=False, warmup_steps=0, dead_tokens=B, k_aux=5, geometric_median_rows=2 * B,
         aux_loss="aux_zipf" if arch == "mutual_choice" else None, prefetch_batches=0,
+        calibration_rows=0,  # compare the training state: the calibration pass afterwards runs on rank 0 alone
     )
     trainer = Trainer(sae, stream, train_cfg, collectives=coll)
     trainer.run()

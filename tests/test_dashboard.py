@@ -69,6 +69,27 @@ def test_overview_lists_saes_and_plots(app_env):
     assert list(fig.data[0].x) == [4.0, 5.0] and list(fig.data[0].text) == ["alpha", "beta"]
 
 
+def test_overview_names_each_numbers_rule_and_shows_g_sae_both_ways(tmp_path, monkeypatch):
+    """A g-SAE's eval.json holds its gradient-rule numbers and, under plain_topk, the same dictionary scored
+    without gradients: the overview must show both and say which rule each used."""
+    make_cache(tmp_path / "cache")
+    make_sae(tmp_path / "g", arch="gradient_topk")
+    (tmp_path / "g" / "eval.json").write_text(json.dumps({
+        "l0": 4.0, "fvu": 0.25, "selection_rule": "gradient selection",
+        "plain_topk": {"fvu": 0.31, "ce_loss_recovered": 0.8, "selection_rule": "plain TopK at inference"},
+    }))
+    analyze(tmp_path / "g", tmp_path / "cache", model=None, out=tmp_path / "store", top_n=4, window=2,
+            progress=False)
+    monkeypatch.setenv("SAEWB_STORE", str(tmp_path / "store"))
+    at = page("overview").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["rule"]) == ["gradient selection"]
+    assert list(table["FVU"]) == [0.25] and list(table["FVU, plain TopK"]) == [0.31]
+    assert list(table["CE recovered, plain TopK"]) == [0.8]
+    assert any("gradient rule" in c.value for c in at.caption)
+
+
 def test_feature_browser_card_changes_with_id(app_env):
     store = AnalysisStore(app_env)
     at = page("features").run()

@@ -267,7 +267,7 @@ def test_saewb_eval_refuses_a_width_mismatch(caches, tmp_path, capsys):
 
 
 def test_ce_recovered_is_one_for_identity_and_zero_for_zero(hf_model, caches):
-    """ALGORITHMS §11: CE recovered = 1 for an identity 'SAE' and 0 for a zero output, with the real splice."""
+    """docs/ALGORITHMS.md §11: CE recovered = 1 for an identity 'SAE' and 0 for a zero output, with the real splice."""
     spec = resolve_hooks(hf_model, [HOOK])[0]
     tokens = np.asarray(load_cache(caches[1]).tokens[:4])
     bos = int(hf_model.tokenizer.bos_token_id)
@@ -288,6 +288,7 @@ def test_comparison_plan_and_table(tmp_path):
         ("topk", "topk", "c"),
         ("mutual_choice", "mutual_choice", "c"),
         ("feature_choice", "feature_choice", "c"),
+        ("feature_choice+zipf", "feature_choice", "c"),
         ("mutual_choice+aux_zipf", "mutual_choice", "c"),
         ("gradient_topk", "gradient_topk", "g"),
         ("topk@grads-cache", "topk", "g"),
@@ -298,7 +299,34 @@ def test_comparison_plan_and_table(tmp_path):
     lines = table.splitlines()
     assert lines[0].startswith("| run | data | L0 |") and lines[1].startswith("|---|")
     assert lines[2] == "| topk | cache | 32.0 | – | 0.1235 | – | 0.500 | – | – | – | – | – | – | 12,346 |"
-    assert plan_runs(base, None)[3][1].options == {"aux_loss": "aux_zipf"}
+    assert plan_runs(base, None)[4][1].options == {"aux_loss": "aux_zipf"}
+    assert plan_runs(base, None)[3][1].options == {"fc_capacity": "zipf"}
+
+
+def test_comparison_grid_over_seeds_and_k_pairs_each_run_with_its_topk(tmp_path):
+    from experiments.compare import aggregate, summary_tables
+
+    base = RunConfig(activations="c", out=str(tmp_path), n_features=64, k=4, eval_activations="e")
+    runs = plan_runs(base, "g", "eg", seeds=[0, 1, 2], ks=[4, 8], labels=["topk", "mutual_choice", "gradient_topk",
+                                                                          "topk@grads-cache"])
+    assert len(runs) == 2 * 3 * 4
+    gsae = [cfg for label, cfg in runs if label == "gradient_topk"]
+    assert {(c.k, c.seed) for c in gsae} == {(k, s) for k in (4, 8) for s in (0, 1, 2)}
+    assert all(c.activations == "g" and c.eval_activations == "eg" for c in gsae)
+    assert runs[0][1].out == str(tmp_path / "k4-s0" / "topk")
+    with pytest.raises(sae_lib.SAEConfigError, match="unknown comparison run.*allowed: topk, mutual_choice"):
+        plan_runs(base, None, labels=["topk", "nope"])
+    fvu = {("topk", 0): 0.30, ("topk", 1): 0.32, ("topk", 2): 0.31,
+           ("mutual_choice", 0): 0.28, ("mutual_choice", 1): 0.31, ("mutual_choice", 2): 0.29}
+    rows = [{"run": r, "label": r, "k": 4, "seed": s, "fvu": v} for (r, s), v in fvu.items()]
+    summary = {s["run"]: s for s in aggregate(rows)}
+    diffs = np.array([-0.02, -0.01, -0.02])  # MC - TopK, paired by seed
+    half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)  # Student t, 2 degrees of freedom
+    assert summary["mutual_choice"]["fvu_vs_baseline"] == pytest.approx((diffs.mean(), half), rel=1e-9)
+    assert summary["topk"]["fvu"] == pytest.approx((0.31, 4.303 * 0.01 / np.sqrt(3)), rel=1e-9)
+    assert "fvu_vs_baseline" not in summary["topk"]
+    table = summary_tables(list(summary.values()))
+    assert "| mutual_choice | 4 | topk | – | -0.0167 ± 0.0143 |" in table
 
 
 def test_write_report_files(tmp_path):
@@ -368,3 +396,133 @@ def test_demo_serves_the_dashboard_when_interactive(monkeypatch, tmp_path):
     cmd = calls[0]
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8599"
     assert cmd[-2:] == ["--store", str(tmp_path / "store")]
+
+
+def test_g_sae_is_scored_with_its_gradient_rule_and_as_plain_topk(caches, tmp_path):
+    """Bug fixed: evaluation encoded a g-SAE without gradients, so its numbers were plain TopK's on a
+    dictionary trained with gradient-chosen supports. With gradients in the eval cache both rules are
+    reported and named; without them the report says it fell back to plain TopK."""
+    train, held_out = caches
+    model, metrics = train_run(run_cfg(caches, tmp_path, arch="gradient_topk", eval_activations=str(train),
+                                       total_tokens=1024))
+    cache = load_cache(train)
+    n = metrics["eval_rows"]
+    x, g = cache.rows(0, n, hook=HOOK), cache.rows(0, n, hook=HOOK, kind="grads")
+    assert metrics["selection_rule"] == "gradient selection"
+    assert metrics["fvu"] == pytest.approx(sae_lib.evaluate(model, [(x, g)])["fvu"], rel=1e-9)
+    plain = metrics["plain_topk"]
+    assert plain["selection_rule"] == "plain TopK at inference"
+    assert plain["fvu"] == pytest.approx(sae_lib.evaluate(model, x)["fvu"], rel=1e-9)
+    assert plain["fvu"] != pytest.approx(metrics["fvu"], rel=1e-6)  # the rule matters for this dictionary
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["selection_rule"] == "gradient selection" and saved["plain_topk"]["fvu"] == plain["fvu"]
+
+    _, no_grads = train_run(run_cfg(caches, tmp_path / "b", arch="gradient_topk", total_tokens=1024))
+    assert no_grads["selection_rule"] == "plain TopK at inference" and "plain_topk" not in no_grads
+    assert "--with-grads" in no_grads["selection_rule_note"]
+
+
+def test_evaluation_gradients_equal_the_cached_gradients(hf_model, caches):
+    """The gradient the CE evaluation computes for a g-SAE is the one `saewb cache --with-grads` stored."""
+    from experiments.evaluation import clean_logits_and_hook_grads
+
+    cache = load_cache(caches[0])
+    tokens = torch.from_numpy(np.asarray(cache.tokens[:4]).astype(np.int64))
+    bos = int(hf_model.tokenizer.bos_token_id)
+    _, grads = clean_logits_and_hook_grads(hf_model, HOOK, tokens, bos)
+    rows = grads[tokens != bos]  # cache rows are the non-BOS positions in order
+    assert torch.allclose(rows, cache.rows(0, rows.shape[0], hook=HOOK, kind="grads"), rtol=1e-4, atol=1e-7)
+
+
+def test_ce_of_a_g_sae_is_reported_for_both_rules(hf_model, caches, tmp_path):
+    from experiments.evaluation import sae_in_the_loop
+
+    model, _ = train_run(run_cfg(caches, tmp_path, arch="gradient_topk", eval_activations=str(caches[0]),
+                                 total_tokens=1024))
+    tokens = np.asarray(load_cache(caches[1]).tokens[:4])
+    both = sae_in_the_loop(hf_model, model, HOOK, tokens)
+    spec = resolve_hooks(hf_model, [HOOK])[0]
+    plain = model_in_the_loop(hf_model, spec, lambda rows: model(rows), tokens, int(hf_model.tokenizer.bos_token_id))
+    assert both["ce_selection_rule"] == "gradient selection"
+    assert both["plain_topk"]["ce_selection_rule"] == "plain TopK at inference"
+    assert both["plain_topk"]["ce_loss_sae"] == pytest.approx(plain["ce_loss_sae"], rel=1e-6)
+    assert both["ce_loss_sae"] != pytest.approx(plain["ce_loss_sae"], rel=1e-6)
+    assert both["ce_loss_clean"] == pytest.approx(plain["ce_loss_clean"], rel=1e-6)  # one clean run serves both
+
+
+def test_zero_ablation_of_bos_is_an_option(hf_model, caches):
+    """SAELens' get_recons_loss zeroes BOS too; ours zeroes only the spliced (non-BOS) positions by default."""
+    spec = resolve_hooks(hf_model, [HOOK])[0]
+    tokens = np.asarray(load_cache(caches[1]).tokens[:4])
+    bos = int(hf_model.tokenizer.bos_token_id)
+    ours = model_in_the_loop(hf_model, spec, lambda x: x, tokens, bos)
+    saelens = model_in_the_loop(hf_model, spec, lambda x: x, tokens, bos, zero_ablate_bos=True)
+    assert not ours["zero_ablate_bos"] and saelens["zero_ablate_bos"]
+    assert saelens["ce_loss_zero"] != pytest.approx(ours["ce_loss_zero"], rel=1e-4)
+    assert saelens["ce_loss_clean"] == ours["ce_loss_clean"] and saelens["ce_loss_recovered"] == pytest.approx(1.0)
+
+
+def test_saewb_calibrate_rewrites_thresholds_and_records_the_sample(caches, tmp_path, capsys):
+    train_run(run_cfg(caches, tmp_path, arch="mutual_choice", total_tokens=1024))
+    folder = tmp_path / "run"
+    code, out, err = cli(capsys, "calibrate", "--sae", folder, "--activations", caches[1], "--target-l0", "3")
+    assert code == 0, err
+    record = json.loads(out)
+    n = load_cache(caches[1]).n_tokens
+    assert record["rows"] == n and record["target_l0"] == 3.0 and record["reached_l0"] == pytest.approx(3.0)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["workbench"]["training"]["calibration"] == record
+    assert not list(folder.glob(".*.tmp"))  # written through temp names, none left behind
+    reloaded = sae_lib.load(folder)
+    assert sae_lib.evaluate(reloaded, load_cache(caches[1]).rows(0, n))["l0"] == pytest.approx(3.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra", "message"),
+    [
+        ("topk", [], "only mutual_choice and feature_choice SAEs have inference thresholds"),
+        ("mutual_choice", ["--rows", "0"], "--rows must be >= 1 and --skip-rows >= 0, got 0 and 0"),
+        ("mutual_choice", ["--skip-rows", "100000"], "--skip-rows 100000 leaves no rows"),
+        ("mutual_choice", ["--target-l0", "-1"], "target_l0 must be in (0, n_features=64), got -1.0"),
+    ],
+)
+def test_saewb_calibrate_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, arch, extra, message):
+    train_run(run_cfg(caches, tmp_path, arch=arch, total_tokens=512))
+    before = (tmp_path / "run" / "sae_weights.safetensors").read_bytes()
+    code, _, err = cli(capsys, "calibrate", "--sae", tmp_path / "run", "--activations", caches[1], *extra)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("saewb calibrate: error: "), err
+    assert message in err
+    assert (tmp_path / "run" / "sae_weights.safetensors").read_bytes() == before  # nothing changed on disk
+
+
+def test_lr_selection_picks_the_lowest_validation_fvu_on_rows_apart_from_the_test_rows(tmp_path, monkeypatch):
+    import experiments.compare as compare
+
+    seen = []
+
+    def fake_train_run(cfg, log_fn=None):  # validation FVU: a bowl with its minimum at 2x the default lr
+        seen.append(cfg)
+        ratio = cfg.lr / sae_lib.default_lr(cfg.n_features)
+        return None, {"fvu": 0.3 + (np.log2(ratio) - 1) ** 2 / 10}
+
+    monkeypatch.setattr(compare, "train_run", fake_train_run)
+    base = RunConfig(activations="c", out=str(tmp_path), n_features=64, k=4, eval_activations="e", eval_tokens=1000)
+    runs = plan_runs(base, "g", "eg", seeds=[0, 1], labels=["topk", "gradient_topk"])
+    chosen = compare.select_learning_rates(runs, [0.5, 1, 2], tokens=512, validation_rows=300, out=tmp_path,
+                                           validation_activations="e")
+    assert chosen == {"topk": pytest.approx(2 * sae_lib.default_lr(64)), "gradient_topk": pytest.approx(
+        2 * sae_lib.default_lr(64))}
+    assert len(seen) == 6 and {c.seed for c in seen} == {0}  # one trial per label and multiplier, first seed
+    assert all(c.eval_offset == 1000 and c.eval_tokens == 300 and c.total_tokens == 512 for c in seen)
+    assert all(c.eval_activations == "e" for c in seen)  # g-SAE validates on the main eval cache too
+    report = json.loads((tmp_path / "lr_selection.json").read_text())
+    assert report["topk"]["chosen_multiplier"] == 2 and set(report["topk"]["validation_fvu_by_multiplier"]) == {
+        "0.5", "1", "2"}
+
+
+def test_eval_offset_scores_later_rows_and_bad_offsets_are_refused(caches, tmp_path):
+    _, metrics = train_run(run_cfg(caches, tmp_path, total_tokens=512, eval_offset=64, eval_tokens=100))
+    assert metrics["eval_offset"] == 64 and metrics["eval_rows"] == 100
+    with pytest.raises(sae_lib.SAEConfigError, match="eval_offset must be an integer >= 0, got -1"):
+        run_cfg(caches, tmp_path, eval_offset=-1)

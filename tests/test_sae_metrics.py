@@ -1,4 +1,4 @@
-"""Evaluation metrics (ALGORITHMS §7, §11) against float64 references and known values."""
+"""Evaluation metrics (docs/ALGORITHMS.md §7, §11) against float64 references and known values."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Selection-rule invariants of every architecture (ALGORITHMS §1-§5, §11)."""
+"""Selection-rule invariants of every architecture (docs/ALGORITHMS.md §1-§5, §11)."""
 
 import pytest
 import torch
@@ -109,9 +109,9 @@ def test_feature_choice_uniform_column_counts_match_capacities(batch_size):
     assert set(m.tolist()) <= {K * batch_size // F, K * batch_size // F + 1}
 
 
-def test_feature_choice_zipf_capacities_follow_density_rank():
+def test_feature_choice_zipf_capacities_follow_demand_rank():
     sae = make("feature_choice", fc_capacity="zipf", fc_zipf_s=1.0)
-    sae.density_ema.copy_(torch.rand(F, generator=torch.Generator().manual_seed(3)))
+    sae.demand_ema.copy_(torch.rand(F, generator=torch.Generator().manual_seed(3)))
     B = 256
     x_n, _, _ = sae.normalize(batch(B))
     _, selection = sae.encode_train(x_n)
@@ -119,9 +119,46 @@ def test_feature_choice_zipf_capacities_follow_density_rank():
     assert int(m.sum()) == K * B
     assert torch.equal(selection.mask.sum(dim=0), m)
     assert int(m.min()) >= 1 and int(m.max()) <= B
-    by_density = m[torch.argsort(sae.density_ema, descending=True)]
-    assert (by_density[:-1] >= by_density[1:]).all()  # denser latents get at least as much capacity
-    assert by_density[0] > by_density[-1]
+    by_demand = m[torch.argsort(sae.demand_ema, descending=True)]
+    assert (by_demand[:-1] >= by_demand[1:]).all()  # more demanded latents get at least as much capacity
+    assert by_demand[0] > by_demand[-1]
+
+
+def test_feature_choice_demand_counts_each_tokens_top_k_positive_latents():
+    sae = make("feature_choice", fc_capacity="zipf")
+    a = torch.full((4, F), -1.0)
+    a[:, :K] = torch.linspace(2.0, 1.0, K)  # every token's top-k is latents 0..K-1, K-1 the weakest
+    a[0, K] = 5.0  # token 0 prefers latent K to latent K-1
+    demand = sae.measure_demand(a)
+    expected = torch.zeros(F)
+    expected[: K - 1] = 1.0
+    expected[K - 1] = 0.75
+    expected[K] = 0.25
+    assert torch.allclose(demand, expected)
+    assert torch.equal(sae.measure_demand(torch.full((4, F), -1.0)), torch.zeros(F))  # no positive entry, no demand
+
+
+def test_feature_choice_zipf_ranking_follows_the_data_not_the_latent_index():
+    """Bug fixed: ranks came from FC's own density, which *is* the capacity given, so the step-0 order
+    (latent index, all densities 0, stable sort) stayed forever. Here only latents F/2..F-1 match the data:
+    after training, the largest capacities must belong to them."""
+    import sae as sae_lib
+
+    # d = 64: random directions are nearly orthogonal to the atoms; k = 2 atoms per sample, so each token's
+    # top-k is its own two atoms rather than random latents.
+    d, n_f, half, k = 64, 64, 32, 2
+    probe = get_architecture("feature_choice")(SAEConfig(arch="feature_choice", d_in=d, n_features=n_f, k=k), seed=0)
+    g = torch.Generator().manual_seed(5)
+    atoms = probe.W_dec.detach()[half:]  # the initial decoder rows of the high-index latents
+    picks = torch.randint(0, half, (8192, 2), generator=g)
+    x = (atoms[picks] * (0.5 + torch.rand(8192, 2, 1, generator=g))).sum(dim=1)
+    model = sae_lib.train(
+        x, arch="feature_choice", n_features=n_f, k=k, batch_size=256, lr=1e-3, seed=0, progress=False,
+        fc_capacity="zipf", normalization="none", encoder_init_scale=False,
+    )
+    m = model.capacities(256)
+    top = torch.argsort(m, descending=True, stable=True)[: half // 2]  # the 16 largest capacities
+    assert bool((top >= half).all()), f"largest capacities went to latents {sorted(top.tolist())}"
 
 
 def test_largest_remainder_caps_and_rounds():

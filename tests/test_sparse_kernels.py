@@ -106,8 +106,9 @@ def test_support_from_pairs_sorts_rows_into_csr_order():
     assert dense[0, 1].item() == 1 and dense[2, 0].item() == 4 and dense.sum().item() == 15
 
 
+@pytest.mark.parametrize("excluded", [False, True])
 @pytest.mark.parametrize("weights_kind", ["dead", "zipf", "none", "all"])
-def test_sparse_aux_loss_matches_dense_reference(seed, weights_kind):
+def test_sparse_aux_loss_matches_dense_reference(seed, weights_kind, excluded):
     B, d, F, k_aux = 33, 6, 30, 7
     W_enc, b_enc, W_dec = _params(d, F, ties=False)
     x = _inputs(B, d, ties=False)
@@ -120,8 +121,11 @@ def test_sparse_aux_loss_matches_dense_reference(seed, weights_kind):
     residual = torch.randn(B, d, dtype=torch.float64)
     with torch.no_grad():
         a = x @ W_enc + b_enc
-    sparse = sparse_aux_loss(x, W_enc, b_enc, a, residual, W_dec, weights, k_aux)
-    dense = aux_reconstruction_loss(x @ W_enc + b_enc, residual, W_dec, weights, k_aux)
+    # the main code's support (each token's own latents, which the aux loss must skip): a random mask
+    # dense enough that some tokens keep fewer than k_aux other candidates
+    exclude = Support.from_mask(torch.rand(B, F) < 0.7) if excluded else None
+    sparse = sparse_aux_loss(x, W_enc, b_enc, a, residual, W_dec, weights, k_aux, exclude=exclude)
+    dense = aux_reconstruction_loss(x @ W_enc + b_enc, residual, W_dec, weights, k_aux, exclude=exclude)
     assert torch.allclose(sparse, dense, **TOL), f"seed {seed}"
     if weights_kind == "none":
         assert sparse.item() == 0.0

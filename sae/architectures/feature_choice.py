@@ -1,10 +1,13 @@
-"""Feature-Choice SAE (Ayonrinde 2024), ALGORITHMS §3: each latent picks its m_i best tokens.
+"""Feature-Choice SAE (Ayonrinde 2024), docs/ALGORITHMS.md §3: each latent picks its m_i best tokens.
 
 S[b, i] = 1 iff A[b, i] is among the m_i largest of column i, with sum_i m_i = k*B (the TopK
-budget). Capacities are uniform (m = k*B/F) or Zipf, m_i ~ (r_i + r0)^-s by EMA-density rank r_i,
+budget). Capacities are uniform (m = k*B/F) or Zipf, m_i ~ (r_i + r0)^-s by *demand* rank r_i,
 rounded by largest remainder; which of these is the paper's default is unconfirmed (our choice:
-uniform). Inference: per-feature JumpReLU thresholds, EMA of each column's smallest selected
-positive value (our design, same rule as Mutual-Choice).
+uniform). Demand is an EMA of how often a latent is among a token's top-k pre-activations (what
+TopK would pick): a latent's own FC density is exactly the capacity it was given, so ranking by
+density would freeze the first order forever (our choice, docs/ALGORITHMS.md §3). Inference: per-feature
+JumpReLU thresholds, EMA of each column's smallest selected positive value during training,
+calibrated on held-out rows afterwards (sae/calibration.py; our design, as for Mutual-Choice).
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ class FeatureChoiceSAE(SAE):
 
     arch = "feature_choice"
     saelens_architecture = "jumprelu"
+    calibration_rule = "per_latent"
     default_aux_loss = "none"  # FC has no dead latents by construction; aux_zipf is optional (§3)
 
     threshold: Tensor
     threshold_initialized: Tensor
     density_ema: Tensor
+    demand_ema: Tensor
+    optional_state = ("demand_ema",)
 
     def __init__(self, cfg: SAEConfig, *, seed: int = 0) -> None:
         super().__init__(cfg, seed=seed)
@@ -37,9 +43,11 @@ class FeatureChoiceSAE(SAE):
         self.register_buffer("threshold", torch.full((F,), float("inf")))
         self.register_buffer("threshold_initialized", torch.zeros(F, dtype=torch.bool))
         self.register_buffer("density_ema", torch.zeros(F))
+        self.register_buffer("demand_ema", torch.zeros(F))
+        self._pending_demand: Tensor | None = None  # this step's demand, folded into the EMA by observe()
 
     def capacity_shares(self) -> Tensor:
-        """Fraction of the k*B budget for the latent at each density rank (rank 1 first), float64."""
+        """Fraction of the k*B budget for the latent at each demand rank (rank 1 first), float64."""
         F = self.cfg.n_features
         if self.cfg.fc_capacity == "uniform":
             return torch.full((F,), 1.0 / F, dtype=torch.float64)
@@ -73,14 +81,29 @@ class FeatureChoiceSAE(SAE):
             by_rank = total // F + (torch.arange(F) < total % F).to(torch.int64)
         else:
             by_rank = largest_remainder(self.capacity_shares(), total, cap=batch_size)
-        order = torch.sort(-self.density_ema, stable=True).indices  # densest latent gets rank 1
-        by_rank = by_rank.to(order.device)
-        return torch.empty_like(by_rank).scatter_(0, order, by_rank)
+        by_rank = by_rank.to(self.demand_ema.device)
+        return torch.empty_like(by_rank).scatter_(0, self.demand_order(), by_rank)
+
+    def demand_order(self) -> Tensor:
+        """Latents from most to least demanded (rank 1 first); ties, as at step 0, keep index order."""
+        return torch.sort(-self.demand_ema, stable=True).indices
+
+    @torch.no_grad()
+    def measure_demand(self, pre_acts: Tensor) -> Tensor:
+        """Fraction of the (global) batch's tokens whose top-k positive pre-activations include each latent [F]."""
+        assert self.cfg.k is not None
+        top = pre_acts.topk(min(self.cfg.k, pre_acts.shape[1]), dim=1, sorted=False)
+        wanted = top.indices[top.values > 0]
+        counts = torch.bincount(wanted, minlength=pre_acts.shape[1]).to(self.demand_ema.dtype)
+        coll = self.collectives
+        return coll.sum_(counts) / (pre_acts.shape[0] * coll.world_size)
 
     def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
         n_rows, n_features = pre_acts.shape
         coll = self.collectives
         m = self.capacities(n_rows * coll.world_size)  # capacities of the global batch
+        if self.cfg.fc_capacity == "zipf":  # re-ranked from the next step on (observe() folds it in)
+            self._pending_demand = self.measure_demand(pre_acts)
         best = pre_acts.topk(min(int(m.max()), n_rows), dim=0, sorted=True)  # [m_max, F], best first
         top = best.indices
         keep = torch.arange(top.shape[0], device=m.device).unsqueeze(1) < m.unsqueeze(0)
@@ -106,6 +129,9 @@ class FeatureChoiceSAE(SAE):
         beta, coll = self.cfg.density_ema_beta, self.collectives
         fired = coll.sum_(code.fired_count()).to(self.density_ema.dtype) / (code.support.n_rows * coll.world_size)
         self.density_ema.mul_(beta).add_(fired, alpha=1 - beta)
+        if self._pending_demand is not None:
+            self.demand_ema.mul_(beta).add_(self._pending_demand, alpha=1 - beta)
+            self._pending_demand = None
         if step < threshold_start(self.cfg, total_steps):
             return
         positive = code.values > 0

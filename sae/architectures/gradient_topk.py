@@ -1,4 +1,4 @@
-"""Gradient SAE, g-SAE (Olmo et al. 2024), ALGORITHMS §5: TopK on a gradient-augmented score.
+"""Gradient SAE, g-SAE (Olmo et al. 2024), docs/ALGORITHMS.md §5: TopK on a gradient-augmented score.
 
 h = W_dec g is each latent's attribution-patching weight (g: the LM loss gradient at the hook, in
 the SAE's normalised space); the score s = z + beta * z * |h| picks k latents per token and the

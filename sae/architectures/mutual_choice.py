@@ -1,8 +1,9 @@
-"""Mutual-Choice SAE (Ayonrinde 2024) = BatchTopK (Bussmann et al. 2024), ALGORITHMS §2.
+"""Mutual-Choice SAE (Ayonrinde 2024) = BatchTopK (Bussmann et al. 2024), docs/ALGORITHMS.md §2.
 
 Training keeps the top k*B entries of ReLU(A) over the whole batch, so the batch-mean L0 is k.
 Inference cannot see the batch, so it is a JumpReLU with one learned threshold theta, the EMA of
-the smallest selected positive value (dictionary_learning's rule, beta = 0.999).
+the smallest selected positive value (dictionary_learning's rule, beta = 0.999) during training,
+calibrated at the end so the mean inference L0 is k (sae/calibration.py; our design).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class MutualChoiceSAE(SAE):
 
     arch = "mutual_choice"
     saelens_architecture = "jumprelu"
+    calibration_rule = "global"
 
     threshold: Tensor
     threshold_initialized: Tensor

@@ -1,6 +1,6 @@
 """TopK SAE (Gao et al. 2024; Makhzani & Frey 2013): keep each token's k largest pre-activations.
 
-Training and inference use the same rule, so L0 == k exactly (ALGORITHMS §1); `inference_k`
+Training and inference use the same rule, so L0 == k exactly (docs/ALGORITHMS.md §1); `inference_k`
 allows Makhzani & Frey's alpha*k at test time.
 """
 

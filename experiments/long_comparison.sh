@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The long architecture comparison on the embedded default (SmolLM2-135M, blocks.6.hook_resid_post): caches,
+# then every architecture at each k over several seeds, with a per-architecture learning rate chosen on a
+# validation slice, thresholds calibrated on held-out rows, CE/KL with paired 95% intervals against TopK.
+#
+#   nohup bash experiments/long_comparison.sh > runs/long/log.txt 2>&1 &
+#
+# Resumable: every step reuses what is finished (caches continue after their last shard, finished runs are
+# reused), so rerunning the same command continues after an interruption. The numbers in the README's claim
+# table come from this script; its sizes are set by the variables below (override them in the environment).
+# The default corpus holds ~1.9M tokens, so the five caches (1.35M tokens) never overlap.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/long}
+HOOK=blocks.6.hook_resid_post
+N_FEATURES=${N_FEATURES:-2304}        # 4 x d_model
+KS=${KS:-"16 32 64"}
+SEEDS=${SEEDS:-"0 1 2"}
+TOKENS=${TOKENS:-1048576}             # per run: one pass over the training cache
+GRADS_TOKENS=${GRADS_TOKENS:-196608}  # g-SAE and its TopK baseline: two passes over the gradient cache
+CE_TOKENS=${CE_TOKENS:-4096}
+
+# contexts of 128 tokens: training 8594, held-out 1024, held-out with gradients 128, gradients 768
+$BIN/saewb cache --hooks $HOOK --tokens 1100000 --out $OUT/cache --quiet
+$BIN/saewb cache --hooks $HOOK --tokens 131072 --skip-contexts 8594 --out $OUT/cache-eval --quiet
+$BIN/saewb cache --hooks $HOOK --tokens 16384 --skip-contexts 9618 --with-grads --batch-size 16 \
+    --out $OUT/cache-eval-grads --quiet
+$BIN/saewb cache --hooks $HOOK --tokens 98304 --skip-contexts 9746 --with-grads --batch-size 16 \
+    --out $OUT/cache-grads --quiet
+
+# shellcheck disable=SC2086  # KS and SEEDS are lists
+$BIN/python -m experiments.compare \
+    --activations $OUT/cache --eval-activations $OUT/cache-eval \
+    --grads-activations $OUT/cache-grads --eval-grads-activations $OUT/cache-eval-grads \
+    --n-features "$N_FEATURES" --k $KS --seeds $SEEDS --total-tokens "$TOKENS" --grads-total-tokens "$GRADS_TOKENS" \
+    --lr-multipliers 0.5 1 2 --eval-tokens 65536 --validation-rows 32768 --ce-tokens "$CE_TOKENS" \
+    --out $OUT/compare

@@ -1,0 +1,133 @@
+"""Threshold calibration of Mutual-Choice and Feature-Choice SAEs (sae/calibration.py, docs/ALGORITHMS.md §2-§3)."""
+
+import math
+
+import pytest
+import torch
+
+import sae
+from sae.config import SAEConfig
+from sae.errors import SAEConfigError, SAEDataError
+from sae.registry import get_architecture
+from sae.synthetic import planted_dictionary_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D, F, K, B = 32, 128, 4, 256
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Planted data: 24,576 training rows, then a calibration sample and a held-out sample of 8,192 each."""
+    acts = planted_dictionary_data(24_576 + 2 * 8192, D, F, K, zipf_exponent=0.7, noise_std=0.02, seed=3).acts
+    return acts[:24_576], acts[24_576:32_768], acts[32_768:]
+
+
+def short_run(arch: str, train, **options):
+    """30 steps: the EMA thresholds (beta 0.999, from step 3) still hold their first values."""
+    return sae.train(train[: 30 * B], arch=arch, n_features=F, k=K, batch_size=B, lr=3e-3, seed=0, progress=False,
+                     **options)
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_short_run_threshold_mode_l0_is_within_5_percent_of_k_on_held_out_rows(data, arch):
+    """Bug fixed: after a short run the inference thresholds were the stale EMA (FC: L0 420 for k=32 in the
+    30-step benchmark). Training now ends with a calibration pass; held-out L0 must land within ±5% of k."""
+    train, _, held_out = data
+    model = short_run(arch, train)
+    l0 = sae.evaluate(model, held_out)["l0"]
+    assert abs(l0 - K) <= 0.05 * K, f"held-out threshold-mode L0 {l0:.2f}, k={K}"
+    record = model.training_info["calibration"]
+    assert record["rows"] == 30 * B and record["source"] == "training data (in-sample)"
+    assert record["reached_l0"] == pytest.approx(K, rel=0.01)
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_stale_thresholds_are_what_calibration_fixes(data, arch):
+    """The same run without the calibration pass (calibration_rows=0) is off by more than 5%: the test above
+    measures the fix, not an easy case."""
+    train, _, held_out = data
+    stale = short_run(arch, train, calibration_rows=0)
+    assert "calibration" not in stale.training_info
+    l0 = sae.evaluate(stale, held_out)["l0"]
+    assert abs(l0 - K) > 0.05 * K
+
+
+def test_mutual_choice_calibration_hits_the_target_exactly_on_its_sample(data):
+    train, sample, held_out = data
+    model = short_run("mutual_choice", train)
+    record = sae.calibrate(model, sample, target_l0=6, source="sample")
+    z = model.encode(sample)
+    assert int((z > 0).sum()) == 6 * sample.shape[0]  # exactly target * N entries above theta
+    assert record == {"rows": 8192, "source": "sample", "target_l0": 6.0, "reached_l0": 6.0, "rule": "global"}
+    assert model.training_info["calibration"] == record
+    assert abs(sae.evaluate(model, held_out)["l0"] - 6) <= 0.3
+
+
+def test_mutual_choice_threshold_is_the_brute_force_midpoint():
+    """Float64 reference: theta midway between the (kN)-th and (kN+1)-th largest pre-activation."""
+    model = get_architecture("mutual_choice")(SAEConfig(arch="mutual_choice", d_in=D, n_features=F, k=K,
+                                                         normalization="none"), seed=1).double()
+    x = torch.randn(300, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    sae.calibrate(model, x, batch_size=64)  # several batches: exercises the per-batch candidate bound
+    values = model.pre_acts(x).detach().flatten().sort(descending=True).values
+    expected = (values[K * 300 - 1] + values[K * 300]) / 2
+    assert model.threshold.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_feature_choice_calibration_gives_each_latent_its_share_of_rows(data):
+    train, sample, _ = data
+    model = short_run("feature_choice", train)
+    sae.calibrate(model, sample)
+    m = model.capacities(B).double()
+    fired = (model.encode(sample) > 0).sum(dim=0)
+    want = torch.round(sample.shape[0] * m / B).to(torch.int64)
+    positive_enough = (model.pre_acts(model.normalize(sample)[0]) > 0).sum(dim=0) >= want
+    assert torch.equal(fired[positive_enough], want[positive_enough])  # a column with fewer positives fires less
+
+
+def test_feature_choice_full_columns_match_the_running_top(monkeypatch, data):
+    """Columns asked for many rows keep every value (FULL_COLUMN_ABOVE); both paths give the same theta."""
+    import sae.calibration as calibration
+
+    train, sample, _ = data
+    model = short_run("feature_choice", train, fc_capacity="zipf")
+    sae.calibrate(model, sample)
+    running = model.threshold.clone()
+    monkeypatch.setattr(calibration, "FULL_COLUMN_ABOVE", 0)
+    sae.calibrate(model, sample)
+    assert torch.equal(model.threshold, running)
+
+
+def test_calibration_survives_save_and_load(tmp_path, data):
+    train, sample, _ = data
+    model = short_run("mutual_choice", train)
+    sae.calibrate(model, sample, target_l0=5)
+    loaded = sae.load(model.save(tmp_path / "mc"))
+    assert torch.equal(loaded.threshold, model.threshold)
+    assert loaded.training_info["calibration"]["target_l0"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "message"),
+    [
+        ("topk", {}, "arch 'topk' has no inference thresholds to calibrate"),
+        ("mutual_choice", {"target_l0": 0}, r"target_l0 must be in \(0, n_features=128\), got 0"),
+        ("mutual_choice", {"target_l0": math.nan}, r"target_l0 must be in \(0, n_features=128\), got nan"),
+        ("mutual_choice", {"max_rows": 0}, "max_rows must be a positive integer, got 0"),
+        ("feature_choice", {}, "needs the training batch size"),
+    ],
+)
+def test_bad_calibration_requests_are_one_clear_error(arch, kwargs, message):
+    model = get_architecture(arch)(SAEConfig(arch=arch, d_in=D, n_features=F, k=K))
+    with pytest.raises(SAEConfigError, match=message):
+        sae.calibrate(model, torch.randn(64, D), **kwargs)
+
+
+def test_non_finite_calibration_rows_change_nothing():
+    model = get_architecture("mutual_choice")(SAEConfig(arch="mutual_choice", d_in=D, n_features=F, k=K))
+    x = torch.randn(64, D)
+    x[3, 1] = math.nan
+    with pytest.raises(SAEDataError, match="NaN/inf"):
+        sae.calibrate(model, x)
+    assert not bool(model.threshold_initialized.any())
