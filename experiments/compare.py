@@ -59,11 +59,20 @@ RUN_SPECS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (  # label, arch,
     ("feature_choice+zipf", "feature_choice", {"fc_capacity": "zipf"}, False),
     # aux_zipf targets under-used latents as well as dead ones (Ayonrinde 2024): compare it with AuxK on MC.
     ("mutual_choice+aux_zipf", "mutual_choice", {"aux_loss": "aux_zipf"}, False),
+    # MC's per-token L0 tracks token norm under scalar normalisation; standardising each token removes the norm.
+    ("mutual_choice+per_token_standardize", "mutual_choice", {"normalization": "per_token_standardize"}, False),
     ("gradient_topk", "gradient_topk", {}, True),
     ("topk@grads-cache", "topk", {}, True),
 )
 BASELINE = {False: "topk", True: "topk@grads-cache"}
 """The TopK run each row is paired with: the one trained on the same cache, seed and k."""
+ABLATION = {
+    "feature_choice+zipf": "feature_choice",
+    "mutual_choice+aux_zipf": "mutual_choice",
+    "mutual_choice+per_token_standardize": "mutual_choice",
+    f"gradient_topk ({PLAIN_TOPK_RULE})": f"gradient_topk ({GRADIENT_RULE})",
+}
+"""Runs also paired with the run they change one thing of (capacities, aux loss, normalisation, rule)."""
 
 
 def plan_runs(
@@ -147,20 +156,34 @@ def select_learning_rates(
 
 def _train_or_reuse(label: str, cfg: RunConfig, log_fn=None) -> tuple[Any, dict[str, Any]]:
     """A finished run folder of the same RunConfig is loaded; anything else is trained (resuming checkpoints)."""
-    eval_path, saved = Path(cfg.out) / "eval.json", Path(cfg.out) / "run_config.json"
-    finished = eval_path.exists() and (Path(cfg.out) / "cfg.json").exists() and saved.exists()
-    if finished and json.loads(saved.read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg))):
+    if _finished(cfg):
+        eval_path = Path(cfg.out) / "eval.json"
         print(f"[compare] {label}: reusing the finished run in {cfg.out}", file=sys.stderr)
         return sae_lib.load(cfg.out), json.loads(eval_path.read_text())
     print(f"[compare] training {label} ({cfg.arch}, k={cfg.k}, seed {cfg.seed}) on {cfg.activations}", file=sys.stderr)
     return train_run(cfg, log_fn=log_fn)
 
 
-def run_comparison(runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int, log_fn=None) -> list[dict[str, Any]]:
+def _finished(cfg: RunConfig) -> bool:
+    """The run folder holds a saved SAE and eval.json, trained with this RunConfig (progress display aside)."""
+    out = Path(cfg.out)
+    saved = out / "run_config.json"
+    if not ((out / "eval.json").exists() and (out / "cfg.json").exists() and saved.exists()):
+        return False
+    before, now = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    before.pop("progress", None)
+    now.pop("progress", None)
+    return before == now
+
+
+def run_comparison(
+    runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int, log_fn=None, report_only: bool = False
+) -> list[dict[str, Any]]:
     """Train (or reuse a finished run), evaluate, and add CE/KL with the model (a name, an object or None).
 
     A g-SAE gives two rows: its gradient rule and plain TopK at inference. Resumable: a run whose folder
     holds eval.json for the same RunConfig is reused, and CE/KL once computed are kept in eval.json.
+    report_only: leave out runs that have not finished instead of training them.
     """
     if isinstance(model, str):
         model = activations.load_model(model)
@@ -169,6 +192,9 @@ def run_comparison(runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int
     for label, cfg in bar:
         bar.set_postfix_str(f"{label} k={cfg.k} seed={cfg.seed}")
         eval_path = Path(cfg.out) / "eval.json"
+        if report_only and not _finished(cfg):
+            print(f"[compare] {label} k={cfg.k} seed {cfg.seed}: not finished, left out of the report", file=sys.stderr)
+            continue
         trained, metrics = _train_or_reuse(label, replace(cfg, progress=cfg.progress and len(runs) < 2), log_fn)
         if model is not None and "ce_loss_recovered" not in metrics:
             cache = activations.load_cache(cfg.eval_activations or cfg.activations)
@@ -190,7 +216,7 @@ def run_comparison(runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int
 
 
 def _row(label: str, cfg: RunConfig, metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("l0", "l0_std", "fvu", "dead_frac", "dense_frac", "zero_latent_token_frac", "train_tokens",
+    keys = ("l0", "l0_std", "l0_norm_corr", "fvu", "dead_frac", "dense_frac", "zero_latent_token_frac", "train_tokens",
             "train_tokens_per_s", "in_sample", "batch_mode", "selection_rule", "ce_loss_clean", "ce_loss_sae",
             "ce_loss_zero", "ce_loss_recovered", "delta_ce", "kl_div", "ce_eval_tokens")
     row = {"run": label, "label": label, "arch": cfg.arch, "k": cfg.k, "seed": cfg.seed,
@@ -281,6 +307,8 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 """Two-sided 95% Student-t quantiles by degrees of freedom (n seeds - 1); 1.96 beyond."""
 SUMMARY_METRICS = (  # key, header, format: what the seed-aggregated tables report
     ("l0", "L0", "{:.1f}"),
+    ("l0_std", "L0 std", "{:.1f}"),
+    ("l0_norm_corr", "r(L0, ‖x‖)", "{:.2f}"),
     ("fvu", "FVU", "{:.4f}"),
     ("batch_mode_fvu", "FVU batch mode", "{:.4f}"),
     ("dead_frac", "dead", "{:.3f}"),
@@ -301,26 +329,34 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (run, k): mean ± 95% CI over seeds of each metric, and the paired difference from the TopK
-    baseline trained on the same cache with the same seed and k (the interval of the per-seed differences)."""
+    """Per (run, k): mean ± 95% CI over seeds of each metric, and the paired differences (the interval of the
+    per-seed differences) from the TopK baseline trained on the same cache with the same seed and k and, for
+    the runs in ABLATION, from the run they change one thing of."""
     by_key: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for row in rows:
         by_key.setdefault((row["run"], row["k"]), {})[row["seed"]] = row
     out = []
     for (run, k), seeds in by_key.items():
         spec = next(s for s in RUN_SPECS if s[0] == seeds[next(iter(seeds))]["label"])
-        base = by_key.get((BASELINE[spec[3]], k), {})
-        summary: dict[str, Any] = {"run": run, "k": k, "seeds": sorted(seeds), "baseline": BASELINE[spec[3]]}
+        references = [BASELINE[spec[3]]] + ([ABLATION[run]] if run in ABLATION else [])
+        summary: dict[str, Any] = {"run": run, "k": k, "seeds": sorted(seeds), "baseline": references[0],
+                                   "references": [r for r in references if r != run]}
         for key, _, _ in SUMMARY_METRICS:
-            values = [r[key] for r in seeds.values() if r.get(key) is not None]
+            values = [r[key] for r in seeds.values() if _number(r.get(key))]
             if values:
                 summary[key] = interval(values)
-            diffs = [r[key] - base[s][key] for s, r in seeds.items()
-                     if r.get(key) is not None and s in base and base[s].get(key) is not None]
-            if diffs and run != summary["baseline"]:
-                summary[f"{key}_vs_baseline"] = interval(diffs)
+            for ref in summary["references"]:
+                other = by_key.get((ref, k), {})
+                diffs = [r[key] - other[s][key] for s, r in seeds.items()
+                         if _number(r.get(key)) and s in other and _number(other[s].get(key))]
+                if diffs:
+                    summary[f"{key}_vs_{ref}"] = interval(diffs)
         out.append(summary)
     return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and value == value  # not None, not nan
 
 
 def summary_tables(summaries: list[dict[str, Any]]) -> str:
@@ -337,13 +373,13 @@ def summary_tables(summaries: list[dict[str, Any]]) -> str:
     for s in summaries:
         cells = [cell(s.get(key), fmt) for key, _, fmt in SUMMARY_METRICS]
         lines.append(f"| {s['run']} | {s['k']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences from the TopK trained on the same cache, seed and k (run − TopK, 95% CI):", ""]
+    lines += ["", "Paired differences (run − reference, same seed and k; mean ± 95% CI): the TopK trained on the same "
+              "cache, and the run each variant changes one thing of:", ""]
     lines += ["| run | k | vs | " + " | ".join("Δ " + h for h in heads) + " |", "|" + "---|" * (3 + len(heads))]
     for s in summaries:
-        if s["run"] == s["baseline"]:
-            continue
-        cells = [cell(s.get(f"{key}_vs_baseline"), fmt) for key, _, fmt in SUMMARY_METRICS]
-        lines.append(f"| {s['run']} | {s['k']} | {s['baseline']} | " + " | ".join(cells) + " |")
+        for ref in s["references"]:
+            cells = [cell(s.get(f"{key}_vs_{ref}"), fmt) for key, _, fmt in SUMMARY_METRICS]
+            lines.append(f"| {s['run']} | {s['k']} | {ref} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -416,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ce-tokens", type=int, default=4096)
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--wandb", action="store_true", help="log each run to W&B")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the runs of this plan that have finished")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -437,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             lrs = select_learning_rates(runs, args.lr_multipliers, args.lr_select_tokens, args.validation_rows,
                                         Path(args.out), args.eval_activations)
             runs = [(label, replace(cfg, lr=lrs[label])) for label, cfg in runs]
-        rows = run_comparison(runs, None if args.model == "none" else args.model, args.ce_tokens)
+        model = None if args.model == "none" else args.model
+        rows = run_comparison(runs, model, args.ce_tokens, report_only=args.report_only)
         print(write_report(rows, Path(args.out)))
         return 0
 

@@ -15,9 +15,9 @@ BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/long}
 HOOK=blocks.6.hook_resid_post
 N_FEATURES=${N_FEATURES:-2304}        # 4 x d_model
-KS=${KS:-"16 32 64"}
+KS=${KS:-"32 16 64"}                 # k=32 first: the claim table
 SEEDS=${SEEDS:-"0 1 2"}
-TOKENS=${TOKENS:-1048576}             # per run: one pass over the training cache
+TOKENS=${TOKENS:-524288}              # per run: half a pass over the training cache (each row seen once)
 GRADS_TOKENS=${GRADS_TOKENS:-196608}  # g-SAE and its TopK baseline: two passes over the gradient cache
 CE_TOKENS=${CE_TOKENS:-4096}
 
@@ -34,5 +34,5 @@ $BIN/python -m experiments.compare \
     --activations $OUT/cache --eval-activations $OUT/cache-eval \
     --grads-activations $OUT/cache-grads --eval-grads-activations $OUT/cache-eval-grads \
     --n-features "$N_FEATURES" --k $KS --seeds $SEEDS --total-tokens "$TOKENS" --grads-total-tokens "$GRADS_TOKENS" \
-    --lr-multipliers 0.5 1 2 --eval-tokens 65536 --validation-rows 32768 --ce-tokens "$CE_TOKENS" \
+    --lr-multipliers 0.5 1 2 --lr-select-tokens 131072 --eval-tokens 65536 --validation-rows 32768 --ce-tokens "$CE_TOKENS" \
     --out $OUT/compare

@@ -104,6 +104,12 @@ def kl_score(kl_sae: float, kl_zero: float) -> float:
     return (kl_zero - kl_sae) / kl_zero
 
 
+def _pearson(n: int, sx: float, sxx: float, sy: float, syy: float, sxy: float) -> float:
+    """Pearson correlation from running sums; nan when either side is constant (e.g. TopK's L0)."""
+    cov, vx, vy = sxy / n - sx * sy / n**2, sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+    return cov / (vx * vy) ** 0.5 if vx > 1e-12 and vy > 1e-12 else float("nan")
+
+
 def _token_cosines(x: Tensor, y: Tensor) -> Tensor:
     return (x * y).sum(dim=-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(1e-30)
 
@@ -120,7 +126,9 @@ class MetricsAccumulator:
         self.n_tokens = 0
         self.mean: Tensor | None = None
         self.scatter = 0.0
-        self.sums = dict.fromkeys(("sse", "x_sq", "x_hat_sq", "dot", "cos", "l2_ratio", "l0", "l0_sq"), 0.0)
+        self.sums = dict.fromkeys(
+            ("sse", "x_sq", "x_hat_sq", "dot", "cos", "l2_ratio", "l0", "l0_sq", "norm", "norm_sq", "l0_norm"), 0.0
+        )
         self.zero_tokens = 0
         self.fire_counts = torch.zeros(n_features, dtype=torch.int64)
         self.l0_counts = torch.zeros(n_features + 1, dtype=torch.int64)
@@ -148,6 +156,10 @@ class MetricsAccumulator:
         s["l2_ratio"] += float((h64.norm(dim=-1) / x64.norm(dim=-1).clamp_min(1e-30)).sum())
         s["l0"] += float(counts.double().sum())
         s["l0_sq"] += float(counts.double().pow(2).sum())
+        norms = x64.norm(dim=-1)
+        s["norm"] += float(norms.sum())
+        s["norm_sq"] += float(norms.pow(2).sum())
+        s["l0_norm"] += float((counts.double() * norms).sum())
         self.zero_tokens += int((counts == 0).sum())
         self.fire_counts += (z > 0).sum(dim=0).cpu()
         self.l0_counts += torch.bincount(counts.cpu(), minlength=self.n_features + 1)
@@ -169,6 +181,7 @@ class MetricsAccumulator:
             "relative_reconstruction_bias": s["x_hat_sq"] / s["dot"],
             "l0": l0_mean,
             "l0_std": max(s["l0_sq"] / n - l0_mean**2, 0.0) ** 0.5,
+            "l0_norm_corr": _pearson(n, s["l0"], s["l0_sq"], s["norm"], s["norm_sq"], s["l0_norm"]),
             "l0_histogram": self.l0_counts.clone(),
             "zero_latent_token_frac": self.zero_tokens / n,
             "density": density,

@@ -290,6 +290,7 @@ def test_comparison_plan_and_table(tmp_path):
         ("feature_choice", "feature_choice", "c"),
         ("feature_choice+zipf", "feature_choice", "c"),
         ("mutual_choice+aux_zipf", "mutual_choice", "c"),
+        ("mutual_choice+per_token_standardize", "mutual_choice", "c"),
         ("gradient_topk", "gradient_topk", "g"),
         ("topk@grads-cache", "topk", "g"),
     ]
@@ -322,11 +323,17 @@ def test_comparison_grid_over_seeds_and_k_pairs_each_run_with_its_topk(tmp_path)
     summary = {s["run"]: s for s in aggregate(rows)}
     diffs = np.array([-0.02, -0.01, -0.02])  # MC - TopK, paired by seed
     half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)  # Student t, 2 degrees of freedom
-    assert summary["mutual_choice"]["fvu_vs_baseline"] == pytest.approx((diffs.mean(), half), rel=1e-9)
+    assert summary["mutual_choice"]["fvu_vs_topk"] == pytest.approx((diffs.mean(), half), rel=1e-9)
     assert summary["topk"]["fvu"] == pytest.approx((0.31, 4.303 * 0.01 / np.sqrt(3)), rel=1e-9)
-    assert "fvu_vs_baseline" not in summary["topk"]
+    assert summary["topk"]["references"] == [] and "fvu_vs_topk" not in summary["topk"]
     table = summary_tables(list(summary.values()))
-    assert "| mutual_choice | 4 | topk | – | -0.0167 ± 0.0143 |" in table
+    assert "| mutual_choice | 4 | topk | – | – | – | -0.0167 ± 0.0143 |" in table
+    # a variant is also paired with the run it changes one thing of
+    rows += [{"run": "mutual_choice+aux_zipf", "label": "mutual_choice+aux_zipf", "k": 4, "seed": s, "fvu": v + 0.01}
+             for (r, s), v in fvu.items() if r == "mutual_choice"]
+    zipf = {s["run"]: s for s in aggregate(rows)}["mutual_choice+aux_zipf"]
+    assert zipf["references"] == ["topk", "mutual_choice"]
+    assert zipf["fvu_vs_mutual_choice"] == pytest.approx((0.01, 0.0), abs=1e-12)
 
 
 def test_write_report_files(tmp_path):
@@ -526,3 +533,20 @@ def test_eval_offset_scores_later_rows_and_bad_offsets_are_refused(caches, tmp_p
     assert metrics["eval_offset"] == 64 and metrics["eval_rows"] == 100
     with pytest.raises(sae_lib.SAEConfigError, match="eval_offset must be an integer >= 0, got -1"):
         run_cfg(caches, tmp_path, eval_offset=-1)
+
+
+def test_report_only_trains_nothing_and_keeps_finished_runs(caches, tmp_path, monkeypatch):
+    import experiments.compare as compare
+
+    base = run_cfg(caches, tmp_path, total_tokens=512)
+    runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "mutual_choice"])
+    compare.run_comparison(runs[:1], None, 0)  # only topk has finished
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("report_only must not train"))
+    rows = compare.run_comparison(runs, None, 0, report_only=True)
+    assert [r["run"] for r in rows] == ["topk"]
+
+
+def replace_out(cfg: RunConfig, out) -> RunConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, out=str(out))

@@ -138,3 +138,21 @@ def test_evaluate_rejects_mismatched_width():
     model = get_architecture("topk")(SAEConfig(arch="topk", d_in=16, n_features=64, k=4))
     with pytest.raises(SAEDataError, match="width 8 but the SAE has d_in=16"):
         evaluate(model, torch.randn(10, 8))
+
+
+def test_l0_norm_correlation_matches_a_float64_reference_over_batches():
+    """How much the per-token L0 follows the token's norm (MC's failure mode); streamed over batches."""
+    from sae.metrics import MetricsAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g) * torch.rand(300, 1, generator=g) * 4
+    z = (torch.rand(300, 20, generator=g) < x.norm(dim=1, keepdim=True) / 12).float()
+    acc = MetricsAccumulator(20)
+    for lo in range(0, 300, 64):
+        acc.update(x[lo : lo + 64], x[lo : lo + 64], z[lo : lo + 64])
+    l0, norm = (z > 0).sum(1).double(), x.double().norm(dim=1)
+    expected = float(torch.corrcoef(torch.stack([l0, norm]))[0, 1])
+    assert acc.compute()["l0_norm_corr"] == pytest.approx(expected, rel=1e-9)
+    constant = MetricsAccumulator(20)
+    constant.update(x, x, torch.ones(300, 20))
+    assert math.isnan(constant.compute()["l0_norm_corr"])
