@@ -15,17 +15,58 @@ from activations.shuffle import mixing_buffer
 CHUNK_ROWS = 8192
 
 
+MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
+    "format_version": int, "model": str, "hooks": list, "d_in": dict, "dtype": str, "context": int,
+    "n_tokens": int, "with_grads": bool, "complete": bool, "n_shards": int, "shards": list,
+}
+"""What the reader needs from manifest.json, and the JSON type of each."""
+INCOMPLETE_KEYS = ("format_version", "complete", "n_shards", "shards")
+
+
+def read_manifest(folder: Path) -> dict:
+    """manifest.json of a cache folder, checked for what the reader needs; one CacheError naming the fix."""
+    path = folder / MANIFEST
+    rebuild = f"delete {folder} and rerun the `saewb cache` command that made it"
+    if not path.exists():
+        if folder.is_dir() and any(folder.iterdir()):  # `saewb cache` refuses a non-empty folder without manifest
+            raise CacheError(
+                f"{folder} holds files but no {MANIFEST}: it is not an activation cache, or one whose manifest was "
+                f"lost; {rebuild}, or cache into a new folder with `saewb cache --out NEW_FOLDER`"
+            )
+        raise CacheError(f"{folder} is not an activation cache (no {MANIFEST}); create one with "
+                         f"`saewb cache --out {folder}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{path} is damaged (not valid JSON: {exc}); {rebuild}") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object); {rebuild}")
+    # an unfinished cache's manifest has no totals yet: the reader only needs to say how far it got
+    required = MANIFEST_KEYS if manifest.get("complete") else {k: MANIFEST_KEYS[k] for k in INCOMPLETE_KEYS}
+    missing = [key for key in required if key not in manifest]
+    wrong = [f"{key} ({type(manifest[key]).__name__})" for key, kind in required.items()
+             if key in manifest and (not isinstance(manifest[key], kind) or (kind is int and manifest[key] is True))]
+    shards = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
+    if any(not isinstance(sh, dict) or not isinstance(sh.get("rows"), int) or not isinstance(sh.get("files"), dict)
+           for sh in shards):
+        wrong.append("shards (each needs rows and files)")
+    hooks = manifest.get("hooks") if isinstance(manifest.get("hooks"), list) else []
+    if isinstance(manifest.get("d_in"), dict) and any(not isinstance(manifest["d_in"].get(h), int) for h in hooks):
+        wrong.append("d_in (a width for every hook)")
+    if missing or wrong:
+        problems = "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"bad {', '.join(wrong)}"] if wrong else [])
+        )
+        raise CacheError(f"{path} is damaged or hand-edited ({problems}); {rebuild}")
+    return manifest
+
+
 class ActivationCache:
     """A complete cache folder; see :mod:`activations.cache` for its layout."""
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path).expanduser()
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.exists():
-            raise CacheError(
-                f"{self.path} is not an activation cache (no {MANIFEST}); create one with `saewb cache --out {path}`"
-            )
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(self.path)
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise CacheError(
                 f"{self.path} has cache format {self.manifest.get('format_version')}; "

@@ -272,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.data_parallel import leave_rank
 
     args = build_parser().parse_args(argv)
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():  # every --out of saewb is a folder
+        print(f"saewb {args.command}: error: --out {out} is an existing file; --out names a folder (new or existing)",
+              file=sys.stderr)
+        return 2
     return leave_rank(run_user_command(args.command, lambda: args.func(args)))
 
 

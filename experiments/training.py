@@ -94,6 +94,8 @@ class RunConfig:
             raise sae_lib.SAEConfigError("give --activations: a cache folder written by `saewb cache`")
         if not self.out:
             raise sae_lib.SAEConfigError("give --out: the folder for the trained SAE")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise sae_lib.SAEConfigError(f"--out {self.out} is an existing file; --out names a folder for the run")
         if isinstance(self.eval_offset, bool) or not isinstance(self.eval_offset, int) or self.eval_offset < 0:
             raise sae_lib.SAEConfigError(f"eval_offset must be an integer >= 0, got {self.eval_offset!r}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,7 @@ class SAEConfig:
     "g-SAE: divide h = W_dec g by its per-token RMS so beta is scale-free (our choice)."
 
     def __post_init__(self) -> None:
+        require_finite_floats(self)
         _require_positive_int("d_in", self.d_in)
         _require_positive_int("n_features", self.n_features)
         if self.k is not None:
@@ -160,6 +162,7 @@ class TrainConfig:
     "Batches read ahead by a background thread; None: 2 when a core is free beyond torch's threads, else 0."
 
     def __post_init__(self) -> None:
+        require_finite_floats(self)
         _require_positive_int("batch_size", self.batch_size)
         if self.total_tokens is not None:
             _require_positive_int("total_tokens", self.total_tokens)
@@ -240,6 +243,14 @@ def field_help(cls: type) -> dict[str, str]:
         ):
             helps[stmt.target.id] = following.value.value
     return {f.name: f.metadata.get("help", helps.get(f.name, "")) for f in dataclasses.fields(cls)}
+
+
+def require_finite_floats(config: object) -> None:
+    """Every float field is a finite number: NaN passes `<= 0` checks, so this runs before the range checks."""
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SAEConfigError(f"{f.name} must be a finite number, got {value!r}.")
 
 
 def _require_positive_int(name: str, value: object) -> None:

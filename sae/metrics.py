@@ -32,7 +32,7 @@ def fvu(x: Tensor, x_hat: Tensor) -> float:
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> float:
-    """1 - FVU (denominator uses the dataset mean, unlike SAELens' explained_variance; §7)."""
+    """1 - FVU with the dataset mean (SAELens 6.54's explained_variance is the same; its _legacy is per-dimension)."""
     return 1.0 - fvu(x, x_hat)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae.base import SAE
@@ -138,34 +139,114 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
 
 
 def load_sae(path: str | Path) -> SAE:
-    """Load a folder written by `save_sae` exactly, or a SAELens topk/jumprelu folder."""
+    """Load a folder written by `save_sae` exactly, or a SAELens topk/jumprelu folder.
+
+    Nothing the folder claims is trusted before it is checked: cfg.json must be a JSON object, and the
+    tensor shapes in the safetensors headers must match the sizes the config names before any tensor is
+    read or the module is allocated; weights must be finite. Every problem is one SAEConfigError that
+    names the folder.
+    """
     path = Path(path)
+    try:
+        return _load_checked(path)
+    except SAEConfigError as exc:
+        message = str(exc)
+        raise SAEConfigError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _load_checked(path: Path) -> SAE:
+    cfg = _read_cfg(path)
+    shapes = _header_shapes(path / WEIGHTS_FILENAME)
+    if "workbench" in cfg:
+        return _load_workbench(path, cfg, shapes)
+    arch = cfg.get("architecture", "standard")
+    if arch in SAELENS_WEIGHT_SHAPES:
+        _check_saelens_weights(arch, shapes, {"d_in": _size(cfg, "d_in"), "d_sae": _size(cfg, "d_sae")})
+    return load_saelens(cfg, _finite(path / WEIGHTS_FILENAME))
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
     cfg_path = path / CFG_FILENAME
     if not cfg_path.is_file():
         raise SAEConfigError(f"{path} is not an SAE folder: {CFG_FILENAME} is missing.")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    weights = load_file(str(path / WEIGHTS_FILENAME))
-    if "workbench" in cfg:
-        return _load_workbench(path, cfg, weights)
-    return load_saelens(cfg, weights)
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SAEConfigError(f"{cfg_path} is not valid JSON ({exc}); rewrite it or save the SAE again.") from None
+    if not isinstance(cfg, dict):
+        raise SAEConfigError(f"{cfg_path} must hold a JSON object, found a {type(cfg).__name__}.")
+    return cfg
 
 
-def _load_workbench(path: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE:
+def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, without reading the tensors."""
+    if not file.is_file():
+        raise SAEConfigError(f"{file.name} is missing from {file.parent}.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error type for anything that is not one of its files
+        raise SAEConfigError(
+            f"{file} is not a readable safetensors file ({exc}); only safetensors are loaded, never pickles."
+        ) from None
+
+
+def _finite(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose header was already checked; non-finite weights are refused."""
+    tensors = load_file(str(file))
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SAEConfigError(f"{file} holds NaN/inf values in {name}; the SAE cannot be used.")
+    return tensors
+
+
+def _size(cfg: dict[str, Any], key: str) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SAEConfigError(f"{CFG_FILENAME} needs {key} as a positive integer, found {value!r}.")
+    return value
+
+
+def _load_workbench(path: Path, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> SAE:
     ours = cfg["workbench"]
+    if not isinstance(ours, dict) or not isinstance(ours.get("config"), dict):
+        raise SAEConfigError(f"{CFG_FILENAME}'s workbench block must be an object with a config object.")
     if ours.get("format_version", 0) > FORMAT_VERSION:
         raise SAEConfigError(
             f"{path} was written with workbench format_version {ours['format_version']}; "
             f"this version reads up to {FORMAT_VERSION}."
         )
-    sae_cfg = SAEConfig(**ours["config"])
-    sae = get_architecture(sae_cfg.arch)(sae_cfg)
-    state = load_file(str(path / WORKBENCH_TENSORS_FILENAME))
+    try:
+        sae_cfg = SAEConfig(**ours["config"])
+    except TypeError as exc:  # a missing or unknown key
+        raise SAEConfigError(f"{CFG_FILENAME}'s workbench config is incomplete or has unknown keys ({exc}).") from None
+    for key, ours_value in (("d_in", sae_cfg.d_in), ("d_sae", sae_cfg.n_features)):
+        if key in cfg and cfg[key] != ours_value:  # SAELens would read these sizes instead of ours
+            raise SAEConfigError(
+                f"{CFG_FILENAME} says {key}={cfg[key]!r} at the top level but {ours_value} in its workbench block."
+            )
+    cls = get_architecture(sae_cfg.arch)
+    with torch.device("meta"):  # the shapes this config implies, allocating nothing
+        expected = {name: tuple(t.shape) for name, t in cls(sae_cfg).state_dict().items()}
+    extras_file = path / WORKBENCH_TENSORS_FILENAME
+    found = {**_header_shapes(extras_file), **{k: v for k, v in shapes.items() if k in ("W_enc", "W_dec")}}
+    optional = set(cls.optional_state)
+    for name, shape in expected.items():
+        if name not in found and name not in optional:
+            raise SAEConfigError(f"tensor {name} is missing from the weights of this {sae_cfg.arch} SAE.")
+        if name in found and found[name] != shape:
+            raise SAEConfigError(
+                f"tensor {name} has shape {found[name]}, but the config (d_in={sae_cfg.d_in}, "
+                f"n_features={sae_cfg.n_features}) needs {shape}."
+            )
+    sae = cls(sae_cfg)
+    state = _finite(extras_file)
+    weights = _finite(path / WEIGHTS_FILENAME)
     state.update(W_enc=weights["W_enc"], W_dec=weights["W_dec"])
     initial = sae.state_dict()
     for name in sae.optional_state:  # saved before this buffer existed
         state.setdefault(name, initial[name])
-    sae.load_state_dict(state)
+    sae.load_state_dict({name: state[name] for name in expected})
     sae.metadata = {k: v for k, v in cfg.get("metadata", {}).items() if k not in _VERSION_KEYS}
     sae.training_info = ours.get("training", {})
     return sae
@@ -178,8 +259,8 @@ def load_saelens(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE:
         raise SAEConfigError(
             f"SAELens architecture {arch!r} is not supported; loadable: {', '.join(SAELENS_WEIGHT_SHAPES)}."
         )
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    _check_saelens_weights(arch, weights, {"d_in": d_in, "d_sae": d_sae})
+    d_in, d_sae = _size(cfg, "d_in"), _size(cfg, "d_sae")
+    _check_saelens_weights(arch, {name: tuple(t.shape) for name, t in weights.items()}, {"d_in": d_in, "d_sae": d_sae})
     weights = {name: t.float() for name, t in weights.items()}
     normalize = cfg.get("normalize_activations") or "none"
     if normalize is True:  # pre-6 configs stored a bool
@@ -221,16 +302,17 @@ def load_saelens(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE:
     return sae
 
 
-def _check_saelens_weights(arch: str, weights: dict[str, torch.Tensor], dims: dict[str, int]) -> None:
+def _check_saelens_weights(arch: str, shapes: dict[str, tuple[int, ...]], dims: dict[str, int]) -> None:
+    """The tensor names and shapes a SAELens architecture needs (from a header, or from loaded tensors)."""
     expected = SAELENS_WEIGHT_SHAPES[arch]
-    if set(weights) != set(expected):
+    if set(shapes) != set(expected):
         raise SAEConfigError(
-            f"SAELens {arch} weights must be exactly {sorted(expected)}, found {sorted(weights)}."
+            f"SAELens {arch} weights must be exactly {sorted(expected)}, found {sorted(shapes)}."
         )
     for name, names in expected.items():
         shape = tuple(dims[n] for n in names)
-        if tuple(weights[name].shape) != shape:
+        if tuple(shapes[name]) != shape:
             raise SAEConfigError(
-                f"SAELens tensor {name} has shape {tuple(weights[name].shape)}, expected {shape} "
+                f"SAELens tensor {name} has shape {tuple(shapes[name])}, expected {shape} "
                 f"[{', '.join(names)}]."
             )

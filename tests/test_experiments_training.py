@@ -550,3 +550,18 @@ def replace_out(cfg: RunConfig, out) -> RunConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, out=str(out))
+
+
+@pytest.mark.parametrize("command", ["cache", "train", "analyze", "sweep", "demo"])
+def test_out_pointing_at_an_existing_file_is_one_line_exit_2(tmp_path, capsys, command):
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    extra = {"cache": [], "train": ["--activations", str(tmp_path)], "analyze": ["--sae", "x", "--activations", "y"],
+             "sweep": ["experiments/sweeps/topk_k_grid.yaml", "--no-wandb"], "demo": []}[command]
+    code = main([command, *extra, "--out", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {target} is an existing file" in err
+    assert target.read_text() == "keep me"
+    with pytest.raises(sae_lib.SAEConfigError, match="is an existing file"):
+        RunConfig(activations="c", out=str(target))

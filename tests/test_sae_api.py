@@ -197,3 +197,23 @@ def test_shuffle_buffer_rows_reaches_a_real_cache_reader(tmp_path, acts):
 def test_new_train_options_refuse_bad_values(acts, option, value, message):
     with pytest.raises(SAEConfigError, match=message.replace(".", "\\.")):
         sae.train(acts, arch="topk", n_features=32, k=2, batch_size=256, **{option: value}, **FAST)
+
+
+def _float_fields(cls) -> list[str]:
+    import dataclasses
+
+    sample = cls(arch="topk", d_in=4, n_features=8, k=2) if cls is sae.SAEConfig else cls()
+    return [f.name for f in dataclasses.fields(cls) if isinstance(getattr(sample, f.name), float)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [(c, n) for c in (sae.SAEConfig, sae.TrainConfig) for n in _float_fields(c)] + [(sae.TrainConfig, "lr")],
+)
+def test_every_float_option_must_be_finite(cls, name, bad):
+    """Bug fixed: NaN passed the `<= 0` checks (e.g. --adam-eps nan gave a torch traceback, --grad-clip nan a
+    hint blaming lr); every float field is now checked once, generically, and named in the message."""
+    base = {"arch": "topk", "d_in": 4, "n_features": 8, "k": 2} if cls is sae.SAEConfig else {}
+    with pytest.raises(SAEConfigError, match=f"^{name} must be a finite number, got {bad!r}"):
+        cls(**base, **{name: bad})
