@@ -25,10 +25,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; other ranks/users of a shared cache must read it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_file_mode() -> int:
+    """0o666 minus the process umask: the mode open() would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

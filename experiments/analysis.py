@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from activations.storage import default_file_mode
+
 STORE_FILE = "store.sqlite"
 DEFAULT_STORE = "runs/demo/store"
 DENSE_THRESHOLD = 0.1  # as sae.metrics.dense_fraction
@@ -561,7 +563,7 @@ def write_sae(out: Path, summary: dict[str, Any], feature_rows: list[tuple], log
                             [(sae_id, *row) for row in feature_rows])
             con.executemany("INSERT INTO training_log VALUES (?, ?, ?, ?, ?)", [(sae_id, *row) for row in log])
         con.close()
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the store from a dashboard run by another user
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide the store from another user's dashboard
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

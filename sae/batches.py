@@ -345,6 +345,11 @@ def _make_global_stream(
         def read_pass(epoch: int) -> Iterable[Any]:
             return cache.iter_batches(local, shuffle=shuffle, seed=epoch_seed(seed, epoch), **options)
 
+        if int(cache.n_tokens) < batch_size:  # the tensor stream says the same for tensors
+            raise SAEConfigError(
+                f"batch_size={batch_size} is larger than the {int(cache.n_tokens)} rows of the activation cache; "
+                "lower --batch-size or cache more tokens."
+            )
         tokens = (int(cache.n_tokens) // batch_size) * batch_size
         stream = PassStream(read_pass, local, tokens, shape=(int(cache.d_in), bool(cache.has_grads)))
         stream.rank_local = sharded

@@ -587,3 +587,17 @@ def test_nan_gradient_is_refused(tmp_path, tiny_model, corpus_txt, monkeypatch):
         "try --dtype float32 or a float32 model"
     )
     assert read_manifest(tmp_path / "c")["shards"] == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_respect_the_umask(tmp_path, umask):
+    """Bug fixed: atomic writes left every cache file at mkstemp's 0600, whatever the umask, so other ranks or
+    users on shared storage could not read them."""
+    from activations.storage import atomic_write_bytes
+
+    before = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -217,3 +217,9 @@ def test_every_float_option_must_be_finite(cls, name, bad):
     base = {"arch": "topk", "d_in": 4, "n_features": 8, "k": 2} if cls is sae.SAEConfig else {}
     with pytest.raises(SAEConfigError, match=f"^{name} must be a finite number, got {bad!r}"):
         cls(**base, **{name: bad})
+
+
+def test_a_batch_larger_than_the_cache_names_both_sizes(acts):
+    """Bug fixed: --batch-size 50000 on a smaller cache said total_tokens=0, which the user never set."""
+    with pytest.raises(SAEConfigError, match=r"batch_size=4096 is larger than the 2048 rows of the activation cache"):
+        sae.train(FakeCache(acts), arch="topk", n_features=32, k=2, batch_size=4096, **FAST)
