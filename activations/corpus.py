@@ -14,6 +14,7 @@ attention sink with a huge norm that would dominate an SAE's loss.
 from __future__ import annotations
 
 import ast
+import codecs
 import importlib.util
 import io
 import json
@@ -152,6 +153,40 @@ def corpus_fingerprint(name: str) -> str:
     return name
 
 
+def check_local_corpus(path: Path) -> None:
+    """Name the first bad byte of a .txt (not UTF-8, or binary) or the first bad line of a .jsonl.
+
+    datasets only says "An error occurred while generating the dataset" for either; this reads the file
+    once, in chunks, before it does.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                if (nul := chunk.find(b"\x00")) >= 0:
+                    raise CorpusError(f"corpus file {str(path)!r} is binary, not text: a NUL byte at byte offset "
+                                      f"{offset + nul}")
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise CorpusError(f"corpus file {str(path)!r} is not UTF-8 text: byte offset "
+                                      f"{offset + exc.start} ({exc.reason})") from None
+                offset += len(chunk)
+    elif suffix == ".jsonl":
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    value = json.loads(raw)
+                except ValueError as exc:
+                    raise CorpusError(f"corpus file {str(path)!r}, line {number}: not valid JSON ({exc})") from None
+                if not isinstance(value, dict):
+                    raise CorpusError(f"corpus file {str(path)!r}, line {number}: a JSON {type(value).__name__}, "
+                                      "not an object with a text field")
+
+
 def load_corpus(name: str = DEFAULT_CORPUS, split: str = "train", text_column: str = "text"):
     """Return a ``datasets`` Dataset (embedded or local) or IterableDataset (hub, streamed) with a text column."""
     import datasets
@@ -169,6 +204,7 @@ def load_corpus(name: str = DEFAULT_CORPUS, split: str = "train", text_column: s
             raise CorpusError(f"corpus file {name!r} has suffix {path.suffix!r}; allowed: {sorted(LOCAL_SUFFIXES)}")
         if path.stat().st_size == 0:
             raise CorpusError(f"corpus file {name!r} is empty: it holds no text to tokenise")
+        check_local_corpus(path)
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)

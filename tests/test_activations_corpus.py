@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -206,3 +207,20 @@ def test_load_corpus_folder(tmp_path):
     with pytest.raises(CorpusError) as info:
         load_corpus(str(tmp_path))
     assert str(info.value) == f"corpus {str(tmp_path)!r} is a folder; give a .txt, .jsonl or .parquet file"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", b'{"text": "fine"}\n\n{"text": "cut', "bad.jsonl', line 3: not valid JSON"),
+        ("list.jsonl", b'{"text": "fine"}\n[1, 2]\n', "list.jsonl', line 2: a JSON list, not an object"),
+        ("bin.txt", b"some text\n\x00\x01\x02", "is binary, not text: a NUL byte at byte offset 10"),
+        ("latin.txt", "caf\xe9 au lait".encode("latin-1"), "is not UTF-8 text: byte offset 3"),
+    ],
+)
+def test_damaged_local_corpora_name_the_file_and_the_place(tmp_path, datasets_tmp_cache, name, content, message):
+    """Bug fixed: datasets only said "An error occurred while generating the dataset"."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=re.escape(message)):
+        load_corpus(str(path))
