@@ -199,7 +199,7 @@ def test_load_corpus_jsonl_without_text_column(tmp_path, datasets_tmp_cache):
 def test_load_corpus_malformed_jsonl(tmp_path, datasets_tmp_cache):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "ok"}\n{"text": unquoted}\n')
-    with pytest.raises(CorpusError, match=r"^could not read corpus file .*broken\.jsonl'"):
+    with pytest.raises(CorpusError, match=r"^corpus file .*broken\.jsonl', line 2: not valid JSON"):
         load_corpus(str(path))
 
 
