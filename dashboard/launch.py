@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.analysis import DEFAULT_STORE
+from experiments.analysis import DEFAULT_STORE, AnalysisStore
 
 APP = Path(__file__).with_name("app.py")
 
@@ -27,6 +27,7 @@ def serve(store: str, port: int, address: str = "127.0.0.1") -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    AnalysisStore(args.store).con.close()  # a missing or damaged store is one line here, before any server starts
     print(f"sae-workbench dashboard on http://{args.address}:{args.port} (store: {args.store}); Ctrl-C stops it",
           flush=True)
     return serve(args.store, args.port, args.address)

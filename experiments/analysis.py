@@ -42,6 +42,9 @@ HIST_EDGES = np.logspace(-4, 4, 49)  # 6 bins a decade, shared by every feature 
 N_LOGIT_TOKENS = 10
 N_NEIGHBOURS = 10
 
+STORE_SCHEMA_VERSION = 1
+"""Written as PRAGMA user_version; a store from a newer schema is refused (stores from before it read 0)."""
+STORE_TABLES = ("saes", "features", "training_log")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS saes (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, path TEXT, arch TEXT, n_features INTEGER, k INTEGER,
@@ -546,11 +549,13 @@ def write_sae(out: Path, summary: dict[str, Any], feature_rows: list[tuple], log
     tmp = Path(tmp_name)
     try:
         if target.exists():
+            AnalysisStore(target).con.close()  # a damaged or newer store is refused, never overwritten
             with sqlite3.connect(target) as src, sqlite3.connect(tmp) as dst:
                 src.backup(dst)
         con = sqlite3.connect(tmp)
         with con:
             con.executescript(SCHEMA)
+            con.execute(f"PRAGMA user_version = {STORE_SCHEMA_VERSION}")
             old = con.execute("SELECT id FROM saes WHERE name = ?", (summary["name"],)).fetchone()
             if old:
                 for table, column in (("features", "sae_id"), ("training_log", "sae_id"), ("saes", "id")):
@@ -590,6 +595,25 @@ class AnalysisStore:
             )
         self.con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         self.con.row_factory = sqlite3.Row
+        self._check()
+
+    def _check(self) -> None:
+        """A damaged file, an empty one, or a store of a newer schema: one StoreError with the way to rebuild."""
+        rebuild = (f"delete it and rebuild it with `saewb analyze --sae RUN --activations CACHE "
+                   f"--out {self.path.parent}`")
+        try:
+            version = int(self.con.execute("PRAGMA user_version").fetchone()[0])
+            tables = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a readable analysis store ({exc}); {rebuild}") from None
+        if version > STORE_SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer sae-workbench (store schema {version}; this one "
+                             f"reads up to {STORE_SCHEMA_VERSION}): upgrade sae-workbench, or {rebuild}")
+        missing = [t for t in STORE_TABLES if t not in tables]
+        if missing:
+            raise StoreError(
+                f"{self.path} is empty or not an analysis store (no table {', '.join(missing)}); {rebuild}"
+            )
 
     def saes(self) -> list[dict[str, Any]]:
         rows = self.con.execute("SELECT * FROM saes ORDER BY name").fetchall()

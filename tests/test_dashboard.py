@@ -11,7 +11,7 @@ import torch
 from dashboard import figures
 from dashboard.data import store_path
 from dashboard.launch import dashboard_command
-from experiments.analysis import AnalysisStore, analyze
+from experiments.analysis import STORE_SCHEMA_VERSION, AnalysisStore, StoreError, analyze
 from tests.test_analysis import make_cache, make_sae
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -371,3 +371,69 @@ def test_a_replaced_store_is_reread(tmp_path, monkeypatch, store_dir):
     os.utime(tmp_path / "store.sqlite", (1, 1))
     at.run()
     assert not at.error and list(at.dataframe[0].value["name"]) == ["alpha", "beta"]
+
+
+def _damaged_store(folder: Path, kind: str) -> Path:
+    import sqlite3
+
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / "store.sqlite"
+    if kind == "garbage":
+        file.write_bytes(b"this is not a database at all" * 100)
+    elif kind == "empty":
+        file.write_bytes(b"")
+    else:  # a store from a newer schema
+        with sqlite3.connect(file) as con:
+            con.execute("CREATE TABLE saes (id INTEGER)")
+            con.execute("PRAGMA user_version = 99")
+    return folder
+
+
+DAMAGE = [("garbage", "is not a readable analysis store"), ("empty", "is empty or not an analysis store"),
+          ("newer", "was written by a newer sae-workbench (store schema 99")]
+
+
+@pytest.mark.parametrize(("kind", "message"), DAMAGE)
+def test_a_damaged_store_is_one_message_on_every_page(tmp_path, monkeypatch, kind, message):
+    """Bug fixed: a corrupt or empty store.sqlite showed an uncaught DatabaseError / 'no such table' in every page."""
+    monkeypatch.setenv("SAEWB_STORE", str(_damaged_store(tmp_path / "store", kind)))
+    for name in ("overview", "features", "dead_features", "prompt_inspector", "steering"):
+        at = page(name).run()
+        assert not at.exception, name
+        assert message in at.error[0].value and "saewb analyze" in at.error[0].value, name
+
+
+@pytest.mark.parametrize(("kind", "message"), DAMAGE)
+def test_saewb_dashboard_refuses_a_damaged_store_before_serving(tmp_path, capsys, monkeypatch, kind, message):
+    import dashboard.launch
+    from experiments.cli import main
+
+    monkeypatch.setattr(dashboard.launch, "serve", lambda *a, **k: pytest.fail("the server must not start"))
+    code = main(["dashboard", "--store", str(_damaged_store(tmp_path / "store", kind))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_analyze_refuses_to_overwrite_a_damaged_store(built_store_inputs, tmp_path):
+    sae_dir, cache = built_store_inputs
+    folder = _damaged_store(tmp_path / "store", "garbage")
+    before = (folder / "store.sqlite").read_bytes()
+    with pytest.raises(StoreError, match="is not a readable analysis store"):
+        analyze(sae_dir, cache, out=folder, top_n=4, window=2, progress=False)
+    assert (folder / "store.sqlite").read_bytes() == before
+
+
+def test_a_new_store_records_its_schema_version(built_store_inputs, tmp_path):
+    import sqlite3
+
+    sae_dir, cache = built_store_inputs
+    analyze(sae_dir, cache, out=tmp_path / "s", top_n=4, window=2, progress=False)
+    with sqlite3.connect(tmp_path / "s" / "store.sqlite") as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == STORE_SCHEMA_VERSION == 1
+
+
+@pytest.fixture
+def built_store_inputs(tmp_path):
+    make_cache(tmp_path / "cache")
+    make_sae(tmp_path / "sae")
+    return tmp_path / "sae", tmp_path / "cache"
