@@ -74,11 +74,31 @@ class Checkpointer:
         return final
 
 
+STATE_KEYS = ("step", "sae_config", "train_config")
+"""What a resume reads from trainer_state.json."""
+
+
 def read_checkpoint(path: Path) -> tuple[SAE, dict[str, torch.Tensor], dict[str, Any]]:
-    """(SAE, trainer tensors, trainer JSON state) from one checkpoint folder."""
-    with open(path / STATE_JSON) as f:
-        state = json.load(f)
-    return load_sae(path), load_file(str(path / STATE_TENSORS)), state
+    """(SAE, trainer tensors, trainer JSON state) from one checkpoint folder; damage is one SAEConfigError."""
+    fix = f"delete {path} to resume from the checkpoint before it (or from scratch)"
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+    except FileNotFoundError:
+        raise SAEConfigError(f"checkpoint {path} has no {STATE_JSON}; {fix}.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SAEConfigError(f"checkpoint {path}: {STATE_JSON} is not valid JSON ({exc}); {fix}.") from None
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS) or not isinstance(
+        state.get("step"), int
+    ):
+        raise SAEConfigError(f"checkpoint {path}: {STATE_JSON} lacks {', '.join(STATE_KEYS)}; {fix}.")
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+    except Exception as exc:  # missing, truncated or not a safetensors file
+        raise SAEConfigError(f"checkpoint {path}: {STATE_TENSORS} is unreadable ({exc}); {fix}.") from None
+    try:
+        return load_sae(path), tensors, state
+    except SAEConfigError as exc:
+        raise SAEConfigError(f"{exc} ({fix})") from None
 
 
 def optimizer_tensors(sae: SAE, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

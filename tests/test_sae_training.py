@@ -290,3 +290,24 @@ def test_encoder_init_scale_makes_the_first_reconstruction_least_squares_optimal
         ratios[scale] = float((target * recon).sum() / recon.pow(2).sum())
     assert ratios[True] == pytest.approx(1.0, rel=1e-4)
     assert abs(ratios[False] - 1.0) > 0.05  # the unscaled tied init is off, so the test can fail
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: (p / "trainer_state.json").write_text("{"), "trainer_state.json is not valid JSON"),
+        (lambda p: (p / "trainer_state.json").write_text("{}"), "trainer_state.json lacks step, sae_config"),
+        (lambda p: (p / "trainer_state.json").unlink(), "has no trainer_state.json"),
+        (lambda p: (p / "trainer_state.safetensors").write_bytes(b"junk"), "trainer_state.safetensors is unreadable"),
+        (lambda p: (p / "cfg.json").write_text("[]"), "must hold a JSON object"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_error_naming_it_and_how_to_go_on(tmp_path, damage, message):
+    data, kw = small_run(tmp_path)
+    with pytest.raises(Interrupt):
+        sae.train(data, log_fn=stop_at(15), **kw)
+    newest = Checkpointer(tmp_path).latest()
+    damage(newest)
+    with pytest.raises(SAEConfigError, match=message) as info:
+        sae.train(data, **kw)
+    assert str(newest) in str(info.value) and f"delete {newest} to resume" in str(info.value)
