@@ -19,6 +19,18 @@ def activation_histogram(counts: list[int], edges: list[float]) -> go.Figure:
     return fig
 
 
+def steering_tradeoff(points: list[dict[str, Any]]) -> go.Figure:
+    """Effect (Δ log p of the feature's tokens) against cost (KL on neutral text), one point per coefficient."""
+    fig = go.Figure(go.Scatter(
+        x=[p["kl"] for p in points], y=[p["effect"] for p in points], mode="lines+markers+text",
+        text=[f"c={p['coefficient']:g}" for p in points], textposition="top center",
+    ))
+    fig.update_layout(xaxis_title="cost: KL(steered ‖ clean) per token (nats)",
+                      yaxis_title="effect: Δ log p(feature's top tokens)", title="Steering: effect against cost",
+                      height=360, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
 def tradeoff(saes: list[dict[str, Any]], metric: str, label: str) -> go.Figure:
     """L0 against `metric` across SAEs, one labelled point per SAE; SAEs without the metric are left out."""
     points = [s for s in saes if isinstance(s["metrics"].get(metric), int | float) and "l0" in s["metrics"]]

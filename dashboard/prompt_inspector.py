@@ -6,30 +6,7 @@ import streamlit as st
 import torch
 
 from dashboard.data import get_store, model_and_sae, pick_sae
-
-
-class InputError(ValueError):
-    """Input the page reports as a message: empty text, an SAE that does not fit the model's hook."""
-
-
-def prompt_tokens(model, text: str) -> torch.Tensor:
-    """[1, T] token ids of `text` after the model's BOS, as the cache's contexts start."""
-    if not text.strip():
-        raise InputError("the text is empty: type something to inspect")
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor([[model.tokenizer.bos_token_id, *ids]])
-
-
-@torch.no_grad()
-def hook_activations(model, hook: str, tokens: torch.Tensor, d_in: int) -> torch.Tensor:
-    """[T, d] activations at `hook` (BOS included); an InputError when the width is not the SAE's d_in."""
-    if hook not in model.hook_dict:
-        raise InputError(f"the model has no hook {hook!r}")
-    _, cache = model.run_with_cache(tokens, names_filter=[hook])
-    acts = cache[hook][0].reshape(tokens.shape[1], -1).float()
-    if acts.shape[1] != d_in:
-        raise InputError(f"the SAE has d_in={d_in} but the model's {hook} has width {acts.shape[1]}")
-    return acts
+from experiments.steering import InputError, hook_activations, prompt_tokens
 
 
 @torch.no_grad()

@@ -14,9 +14,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, printed as one line instead of a traceback."""
     from activations import CacheError, CorpusError, HookError, ModelLoadError
     from experiments.analysis import AnalysisError, StoreError
+    from experiments.steering import InputError
     from sae.errors import SAEError
 
-    return (CacheError, CorpusError, HookError, ModelLoadError, SAEError, AnalysisError, StoreError)
+    return (CacheError, CorpusError, HookError, ModelLoadError, SAEError, AnalysisError, StoreError, InputError)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -148,6 +149,59 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_steer(args: argparse.Namespace) -> int:
+    """A scored coefficient sweep: effect, KL, ΔCE and steered text per coefficient."""
+    import json
+    import time
+
+    from tqdm.auto import tqdm
+
+    import activations
+    import sae
+    from experiments.steering import SteeringError, neutral_contexts, parse_features, score_sweep
+
+    started = time.perf_counter()
+    model_sae = sae.load(args.sae)
+    name = args.model or model_sae.metadata.get("model_name")
+    hook = args.hook or model_sae.metadata.get("hook_name")
+    if not name or not hook:
+        raise SteeringError(f"{args.sae} does not name its model and hook (cfg.json metadata): pass --model and --hook")
+    features = parse_features(args.features, model_sae.cfg.n_features)
+    try:
+        coefficients = [float(c) for c in args.coefficients.split(",") if c.strip()]
+    except ValueError:
+        raise SteeringError(f"--coefficients must be comma-separated numbers, got {args.coefficients!r}") from None
+    if args.contexts < 1 or args.context_length < 2 or not 0 < args.new_tokens <= 200:
+        raise SteeringError("keep --contexts >= 1, --context-length >= 2 and 1 <= --new-tokens <= 200")
+    model = activations.load_model(name)
+    neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
+    bars: list = []  # opened at the first step, after the request was checked: an error stays one line
+
+    def on_step(i: int, n: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=n, desc="steer", unit="step", disable=args.json))
+        bars[0].update(i - bars[0].n)
+
+    points = score_sweep(model, model_sae, hook, features, coefficients, args.prompt, neutral, args.new_tokens,
+                         on_step=on_step)
+    for bar in bars:
+        bar.close()
+    result = {
+        "sae": str(args.sae), "model": name, "hook": hook, "features": features, "prompt": args.prompt,
+        "neutral_tokens": int(neutral.numel()), "seconds": round(time.perf_counter() - started, 1),
+        "sweep": [vars(p) for p in points],
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"features {features} at {hook} of {name}; effect = mean Δ log p(top logit-lens tokens) over "
+          f"{result['neutral_tokens']} neutral tokens; cost = KL(steered || clean) and ΔCE")
+    print(f"{'coefficient':>12} {'effect':>9} {'KL':>9} {'ΔCE':>9}  text")
+    for p in points:
+        print(f"{p.coefficient:12.3g} {p.effect:9.4f} {p.kl:9.4f} {p.delta_ce:9.4f}  {args.prompt}{p.text!r}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default (see experiments/demo.py)."""
     from experiments.demo import DemoConfig, run_demo
@@ -232,6 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--train-batch-size", type=int,
                            help="FC: batch size its capacities refer to (default: the one it was trained with)")
     calibrate.set_defaults(func=cmd_calibrate)
+
+    steer = sub.add_parser(
+        "steer",
+        help="score a steering sweep: effect against cost for each coefficient",
+        description="Add coefficient x each feature's direction at the SAE's hook and score it on a fixed set of "
+        "neutral contexts from the default corpus: effect = mean change of log p(the features' top logit-lens "
+        "tokens), cost = KL(steered || clean) and the CE increase per position; plus the steered greedy "
+        "continuation of --prompt. Coefficient 0 has zero effect and zero cost.",
+    )
+    steer.add_argument("--sae", required=True, help="SAE folder")
+    steer.add_argument("--features", required=True, help="feature ids, comma-separated (e.g. 12 or 12,40)")
+    steer.add_argument("--coefficients", required=True, help="raw activation values, comma-separated (e.g. 0,2,4,8)")
+    steer.add_argument("--prompt", default="The weather today is", help="prompt for the steered text")
+    steer.add_argument("--model", help="model (default: the SAE's own, from cfg.json)")
+    steer.add_argument("--hook", help="hook (default: the SAE's own)")
+    steer.add_argument("--contexts", type=int, default=8, help="neutral contexts scored (default: 8)")
+    steer.add_argument("--context-length", type=int, default=64, help="tokens per neutral context (default: 64)")
+    steer.add_argument("--new-tokens", type=int, default=12, help="tokens of steered text (default: 12)")
+    steer.add_argument("--corpus", default="default", help="where the neutral contexts come from (default: default)")
+    steer.add_argument("--json", action="store_true", help="print one JSON object with a 'sweep' list")
+    steer.set_defaults(func=cmd_steer)
 
     from dashboard.launch import add_dashboard_parser
     from experiments.analysis import add_analyze_parser

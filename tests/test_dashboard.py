@@ -236,7 +236,7 @@ def test_prompt_inspector_page(live_env):
 
 def test_steering_api(live_store, hf_model):
     import sae
-    from dashboard import steering
+    from experiments import steering
 
     model_sae = sae.load(AnalysisStore(live_store).sae("live")["path"])
     hook = "blocks.0.hook_resid_post"
@@ -301,6 +301,9 @@ def test_steering_page(live_env):
     sweep = at.dataframe[0].value
     assert list(sweep["coefficient"]) == [0.0, 40.0]
     assert codes[0] == "The weather today is" + sweep["steered"][0]  # coefficient 0 is the baseline
+    assert list(sweep["kl"])[0] == 0.0 and list(sweep["kl"])[1] > 0  # scored: coefficient 0 costs nothing
+    assert list(sweep["effect"])[0] == 0.0 and list(sweep["delta_ce"])[0] == 0.0
+    assert len(at.get("plotly_chart")) == 1
     for coefs, message in [("abc", "not a number"), ("5000", "too large"), ("nan", "not finite")]:
         at.text_input(key="steer_coefs").set_value(coefs)
         at.button(key="steer_go").click().run()

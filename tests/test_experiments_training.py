@@ -565,3 +565,37 @@ def test_out_pointing_at_an_existing_file_is_one_line_exit_2(tmp_path, capsys, c
     assert target.read_text() == "keep me"
     with pytest.raises(sae_lib.SAEConfigError, match="is an existing file"):
         RunConfig(activations="c", out=str(target))
+
+
+def test_saewb_steer_json_scores_each_coefficient(caches, tmp_path, capsys, corpus_txt):
+    train_run(run_cfg(caches, tmp_path, total_tokens=1024))
+    args = ["steer", "--sae", tmp_path / "run", "--features", "0,3", "--coefficients", "0,4,-4", "--json",
+            "--contexts", "2", "--context-length", "16", "--new-tokens", "3", "--corpus", corpus_txt]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["features"] == [0, 3] and result["hook"] == HOOK and result["neutral_tokens"] == 32
+    sweep = result["sweep"]
+    assert [p["coefficient"] for p in sweep] == [0.0, 4.0, -4.0]
+    assert all(set(p) >= {"coefficient", "effect", "kl", "delta_ce", "text"} for p in sweep)
+    assert sweep[0]["effect"] == 0.0 and sweep[0]["kl"] == 0.0 and sweep[0]["delta_ce"] == 0.0  # c = 0: exactly nothing
+    assert sweep[1]["kl"] > 0 and sweep[2]["kl"] > 0
+    # at the last block the direction reaches the logits through ln_final and W_U only: +c raises its top tokens
+    assert sweep[1]["effect"] > 0 > sweep[2]["effect"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--features", "999", "--coefficients", "1"], "feature 999 is out of range: this SAE has features 0..63"),
+        (["--features", "0", "--coefficients", "1,x"], "--coefficients must be comma-separated numbers"),
+        (["--features", "0", "--coefficients", "1e9"], "must be a finite number with |c| <= 1000"),
+        (["--features", "0", "--coefficients", "1", "--hook", "blocks.1.mlp.hook_post"], "the SAE has d_in=32 but"),
+    ],
+)
+def test_saewb_steer_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, corpus_txt, extra, message):
+    train_run(run_cfg(caches, tmp_path, total_tokens=512))
+    code, _, err = cli(capsys, "steer", "--sae", tmp_path / "run", "--contexts", "1", "--context-length", "8",
+                       "--corpus", corpus_txt, *extra)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("saewb steer: error: "), err
+    assert message in err
