@@ -196,9 +196,9 @@ def cmd_steer(args: argparse.Namespace) -> int:
         return 0
     print(f"features {features} at {hook} of {name}; effect = mean Δ log p(top logit-lens tokens) over "
           f"{result['neutral_tokens']} neutral tokens; cost = KL(steered || clean) and ΔCE")
-    print(f"{'coefficient':>12} {'effect':>9} {'KL':>9} {'ΔCE':>9}  text")
+    print(f"{'coefficient':>12} {'effect':>9} {'KL':>9} {'ΔCE':>9}  continuation of {args.prompt!r}")
     for p in points:
-        print(f"{p.coefficient:12.3g} {p.effect:9.4f} {p.kl:9.4f} {p.delta_ce:9.4f}  {args.prompt}{p.text!r}")
+        print(f"{p.coefficient:12.3g} {p.effect:9.4f} {p.kl:9.4f} {p.delta_ce:9.4f}  {p.text!r}")
     return 0
 
 
