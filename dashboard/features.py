@@ -6,10 +6,15 @@ import html
 from typing import Any
 
 import streamlit as st
+import torch
 
+from activations import CacheError, load_cache
 from dashboard import figures
 from dashboard.data import get_store, model_and_sae, pick_sae
 from experiments.analysis import AnalysisStore, StoreError
+from experiments.attention import head_dfa
+from sae import SAEError
+from sae import load as load_sae
 
 
 def shaded_tokens(context: dict[str, Any], scale: float) -> str:
@@ -101,8 +106,40 @@ def feature_card(store: AnalysisStore, sae: str, idx: int) -> None:
         right.markdown("**Logit lens: suppressed**")
         right.dataframe([{"token": t, "logit": v} for t, v in card["logit_bottom"]], hide_index=True,
                         width="stretch")
+    if info["hook"].endswith("attn.hook_z"):
+        head_views(store, sae, idx, card)
     st.markdown("**Nearest features (decoder cosine)**")
     st.dataframe([{"feature": f, "cosine": c} for f, c in card["neighbours"]], hide_index=True, width="stretch")
+
+
+def head_views(store: AnalysisStore, sae: str, idx: int, card: dict) -> None:
+    """Attention-output SAEs: the feature's share of its decoder norm per head, and (on request) each head's
+    exact term in its pre-activation on the top contexts (direct feature attribution, read from the cache)."""
+    shares = store.head_shares(sae, idx)
+    if shares is None:
+        st.info("No head attribution in the store: analyse this hook_z SAE with --model to get it.")
+        return
+    st.plotly_chart(figures.head_bars(shares), width="stretch")
+    cache_dir = store.sae(sae)["metrics"].get("analysis_cache")
+    if not card["top_contexts"] or not cache_dir or not st.button("Attribute the top contexts to heads (DFA)",
+                                                                  key="head_dfa"):
+        return
+    try:
+        cache = load_cache(cache_dir)
+        sae_model = load_sae(store.sae(sae)["path"])
+    except (CacheError, SAEError) as exc:
+        st.error(f"cannot compute DFA: {exc}")
+        return
+    hook = store.sae(sae)["hook"]
+    rows = torch.cat([cache.rows(c["row"], c["row"] + 1, hook=hook) for c in card["top_contexts"]])
+    terms, bias = head_dfa(sae_model, rows, idx, len(shares))
+    table = [{"context": i, "pre-activation": round(float(t.sum() + b), 4),
+              **{f"H{h}": round(float(v), 4) for h, v in enumerate(t)}} for i, (t, b) in enumerate(zip(terms, bias,
+                                                                                                     strict=True))]
+    mean = terms.double().mean(0).tolist()
+    st.plotly_chart(figures.head_bars(mean, "Direct feature attribution: mean head term over the top contexts"),
+                    width="stretch")
+    st.dataframe(table, hide_index=True, width="stretch")
 
 
 def render() -> None:

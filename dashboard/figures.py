@@ -31,6 +31,14 @@ def steering_tradeoff(points: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
+def head_bars(shares: list[float], title: str = "Head attribution (share of the decoder norm)") -> go.Figure:
+    """One bar per attention head."""
+    fig = go.Figure(go.Bar(x=[f"H{h}" for h in range(len(shares))], y=shares))
+    fig.update_layout(xaxis_title="head", yaxis_title="share", title=title, height=280,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
 def tradeoff(saes: list[dict[str, Any]], metric: str, label: str) -> go.Figure:
     """L0 against `metric` across SAEs, one labelled point per SAE; SAEs without the metric are left out."""
     points = [s for s in saes if isinstance(s["metrics"].get(metric), int | float) and "l0" in s["metrics"]]

@@ -23,12 +23,19 @@ def render() -> None:
     columns = dict(COLUMNS)
     if any(key in s["metrics"] for s in saes for key in PLAIN_TOPK_COLUMNS):
         columns.update(PLAIN_TOPK_COLUMNS)
+    if any("one_head_features" in s["metrics"] for s in saes):  # attention-output SAEs (Kissane et al.)
+        columns["one_head_features"] = "features ≥90% one head"
     table = [
         {"name": s["name"], "arch": s["arch"], "F": s["n_features"], "k": s["k"], "hook": s["hook"],
          **{label: s["metrics"].get(key) for key, label in columns.items()}}
         for s in saes
     ]
     st.dataframe(table, width="stretch", hide_index=True)
+    heads = [s for s in saes if "one_head_features" in s["metrics"]]
+    if heads:
+        st.caption("features ≥90% one head: hook_z SAEs' features whose decoder norm lies ≥ 90% in one attention "
+                   "head — " + "; ".join(f"{s['name']} ({s['hook']}): {s['metrics']['one_head_features']} of "
+                                         f"{s['n_features']}" for s in heads))
     if any(s["arch"] == "gradient_topk" for s in saes):
         st.caption("rule: which inference rule each number used. A g-SAE's main columns use its gradient rule "
                    "(the clean model's loss gradient at the hook); 'plain TopK' columns score the same dictionary "

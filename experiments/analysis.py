@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.storage import default_file_mode
+from experiments.attention import head_attribution, one_head_features
 
 STORE_FILE = "store.sqlite"
 DEFAULT_STORE = "runs/demo/store"
@@ -56,6 +57,8 @@ CREATE TABLE IF NOT EXISTS features (
     neighbours TEXT, top_tokens TEXT, PRIMARY KEY (sae_id, feature)
 );
 CREATE TABLE IF NOT EXISTS training_log (sae_id INTEGER NOT NULL, step INTEGER, dead_frac REAL, l0 REAL, fvu REAL);
+CREATE TABLE IF NOT EXISTS head_attribution (sae_id INTEGER NOT NULL, feature INTEGER NOT NULL, shares TEXT,
+    PRIMARY KEY (sae_id, feature));
 CREATE INDEX IF NOT EXISTS training_log_sae ON training_log (sae_id, step);
 """
 
@@ -499,6 +502,9 @@ def analyze(
                 "tokens": token_strings[i][keep].tolist(), "acts": acts[i][keep].tolist()}
 
     neighbour_idx, neighbour_cos = nearest_by_cosine(w_dec, N_NEIGHBOURS)
+    head_shares = None  # attention-output SAEs (Kissane et al.): each head's share of each decoder row
+    if hook.endswith("attn.hook_z") and lm is not None:
+        head_shares = head_attribution(w_dec, int(lm.cfg.n_heads))
     if resid is not None:
         (top_ids, top_logits), (bottom_ids, bottom_logits) = logit_extremes(
             resid, lm.W_U.detach().float(), N_LOGIT_TOKENS)
@@ -528,6 +534,9 @@ def analyze(
         ))
     cfg = sae_model.cfg
     metrics = _metrics(sae_dir)
+    if head_shares is not None:
+        metrics.update({"n_heads": head_shares.shape[1], "one_head_features": one_head_features(head_shares)})
+    metrics["analysis_cache"] = str(Path(activations_dir).resolve())  # the rows behind the top contexts
     metrics.update({"analysis_dead_frac": float((stats.count == 0).double().mean()),
                     "analysis_dense_frac": float((stats.count.double() / max(n_rows, 1) > DENSE_THRESHOLD)
                                                  .double().mean())})
@@ -537,10 +546,13 @@ def analyze(
         "model": sae_model.metadata.get("model_name") or cache.manifest["model"],
         "n_rows": n_rows, "metrics": json.dumps(metrics), "hist_edges": json.dumps(HIST_EDGES.tolist()),
     }
-    return write_sae(Path(out), summary, feature_rows, _training_log(sae_dir))
+    heads = [] if head_shares is None else [(f, json.dumps(np.round(head_shares[f].numpy(), 5).tolist()))
+                                            for f in range(n_features)]
+    return write_sae(Path(out), summary, feature_rows, _training_log(sae_dir), heads)
 
 
-def write_sae(out: Path, summary: dict[str, Any], feature_rows: list[tuple], log: list[tuple]) -> Path:
+def write_sae(out: Path, summary: dict[str, Any], feature_rows: list[tuple], log: list[tuple],
+              head_rows: list[tuple] | None = None) -> Path:
     """Add or replace one SAE in the store, atomically: edit a copy, then os.replace it over the original."""
     out.mkdir(parents=True, exist_ok=True)
     target = out / STORE_FILE
@@ -558,7 +570,9 @@ def write_sae(out: Path, summary: dict[str, Any], feature_rows: list[tuple], log
             con.execute(f"PRAGMA user_version = {STORE_SCHEMA_VERSION}")
             old = con.execute("SELECT id FROM saes WHERE name = ?", (summary["name"],)).fetchone()
             if old:
-                for table, column in (("features", "sae_id"), ("training_log", "sae_id"), ("saes", "id")):
+                tables = (("features", "sae_id"), ("training_log", "sae_id"), ("head_attribution", "sae_id"),
+                          ("saes", "id"))
+                for table, column in tables:
                     con.execute(f"DELETE FROM {table} WHERE {column} = ?", (old[0],))
             columns = ", ".join(summary)
             cur = con.execute(f"INSERT INTO saes ({columns}) VALUES ({', '.join('?' * len(summary))})",
@@ -567,6 +581,8 @@ def write_sae(out: Path, summary: dict[str, Any], feature_rows: list[tuple], log
             con.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [(sae_id, *row) for row in feature_rows])
             con.executemany("INSERT INTO training_log VALUES (?, ?, ?, ?, ?)", [(sae_id, *row) for row in log])
+            con.executemany("INSERT INTO head_attribution VALUES (?, ?, ?)",
+                            [(sae_id, *row) for row in head_rows or []])
         con.close()
         os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide the store from another user's dashboard
         os.replace(tmp, target)
@@ -631,6 +647,15 @@ class AnalysisStore:
         if row is None:
             raise StoreError(f"SAE {name!r} is not in the store")
         return int(row[0])
+
+    def head_shares(self, name: str, idx: int) -> list[float] | None:
+        """Feature `idx`'s share per attention head (hook_z SAEs analysed with a model), else None."""
+        tables = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "head_attribution" not in tables:  # a store from before head attribution
+            return None
+        row = self.con.execute("SELECT shares FROM head_attribution WHERE sae_id = ? AND feature = ?",
+                               (self._id(name), int(idx))).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def feature(self, name: str, idx: int) -> dict[str, Any]:
         """One feature's card; a StoreError names the valid range when `idx` is outside it."""

@@ -1,0 +1,62 @@
+"""Attention-output SAEs (Kissane et al. 2024, docs/ALGORITHMS.md §8): features of `blocks.L.attn.hook_z`, head by head.
+
+An SAE on hook_z reads the concatenation of every head's output z (n_heads blocks of d_head), so each decoder
+row and each encoder column splits into per-head blocks:
+
+- weight-based head attribution: head h's share of feature f is ‖W_dec[f, h-block]‖ / Σ_h' ‖W_dec[f, h'-block]‖
+  (sums to 1 per feature); a feature is "dominated by one head" when one share is >= 0.9 (Kissane's
+  polysemantic-head statistic counts these per layer);
+- direct feature attribution (DFA): the pre-activation a_f = (x_n − b_pre)·W_enc[:, f] + b_enc[f] is linear in
+  the normalised input, so each head's term (x_n − b_pre)[h-block]·W_enc[h-block, f] is its exact share, and
+  the terms plus b_enc[f] sum to a_f.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+HEAD_DOMINANCE = 0.9
+"""A feature is dominated by one head when that head has at least this share of its decoder norm."""
+
+
+class HeadViewError(ValueError):
+    """A head view asked of an SAE that does not read attention head outputs (hook_z)."""
+
+
+def check_hook_z(hook: str | None) -> None:
+    if not (hook or "").endswith("attn.hook_z"):
+        raise HeadViewError(
+            f"head attribution needs an SAE trained on an attention output blocks.L.attn.hook_z; this one reads "
+            f"{hook or 'an unnamed hook'}"
+        )
+
+
+def head_attribution(w_dec: Tensor, n_heads: int) -> Tensor:
+    """[F, n_heads] share of each feature's decoder norm in each head's block (float64, rows sum to 1)."""
+    n_features, width = w_dec.shape
+    if n_heads < 1 or width % n_heads:
+        raise HeadViewError(f"a decoder row of width {width} does not split into {n_heads} heads")
+    norms = w_dec.detach().double().reshape(n_features, n_heads, width // n_heads).norm(dim=-1)
+    return norms / norms.sum(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def one_head_features(shares: Tensor, threshold: float = HEAD_DOMINANCE) -> int:
+    """How many features have one head with >= `threshold` of their attribution."""
+    return int((shares.max(dim=1).values >= threshold).sum())
+
+
+@torch.no_grad()
+def head_dfa(sae_model, z: Tensor, feature: int, n_heads: int) -> tuple[Tensor, Tensor]:
+    """Each head's exact term in feature `feature`'s pre-activation on rows z [n, n_heads*d_head].
+
+    Returns (terms [n, n_heads], bias [n]) with terms.sum(1) + bias == the pre-activation (the SAE's dtype).
+    """
+    x_n, _, _ = sae_model.normalize(z.reshape(-1, z.shape[-1]))
+    x_in = sae_model.encoder_input(x_n)
+    width = x_in.shape[1]
+    if width % n_heads:
+        raise HeadViewError(f"rows of width {width} do not split into {n_heads} heads")
+    column = sae_model.W_enc[:, feature]
+    terms = (x_in * column).reshape(x_in.shape[0], n_heads, width // n_heads).sum(-1)
+    return terms.detach(), sae_model.b_enc[feature].detach().expand(x_in.shape[0])
