@@ -202,6 +202,40 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    """Clamp the most concept-selective features: forgetting against retention cost per clamp size."""
+    import json
+
+    import activations
+    import sae
+    from experiments.steering import SteeringError, neutral_contexts
+    from experiments.unlearning import unlearn_sweep
+
+    model_sae = sae.load(args.sae)
+    name = args.model or model_sae.metadata.get("model_name")
+    hook = args.hook or model_sae.metadata.get("hook_name")
+    if not name or not hook:
+        raise SteeringError(f"{args.sae} does not name its model and hook (cfg.json metadata): pass --model and --hook")
+    try:
+        sizes = tuple(int(n) for n in args.sizes.split(",") if n.strip())
+    except ValueError:
+        raise SteeringError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+    if args.contexts < 1 or args.context_length < 2 or not sizes:
+        raise SteeringError("keep --contexts >= 1, --context-length >= 2 and at least one clamp size")
+    model = activations.load_model(name)
+    neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
+    points = unlearn_sweep(model, model_sae, hook, args.concept, neutral, sizes, args.clamp)
+    if args.json:
+        print(json.dumps([vars(p) for p in points]))
+        return 0
+    print(f"concept {args.concept!r} at {hook} of {name}: forgetting = drop of its mean next-token log p; "
+          f"cost on {int(neutral.numel())} neutral tokens")
+    print(f"{'clamped':>8} {'forgetting':>11} {'KL':>9} {'ΔCE':>9}  features")
+    for p in points:
+        print(f"{p.n_features:8d} {p.forgetting:11.4f} {p.kl:9.4f} {p.delta_ce:9.4f}  {p.features}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default (see experiments/demo.py)."""
     from experiments.demo import DemoConfig, run_demo
@@ -307,6 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--corpus", default="default", help="where the neutral contexts come from (default: default)")
     steer.add_argument("--json", action="store_true", help="print one JSON object with a 'sweep' list")
     steer.set_defaults(func=cmd_steer)
+
+    unlearn = sub.add_parser(
+        "unlearn",
+        help="remove a concept by clamping its most selective SAE features; forgetting against retention cost",
+        description="Rank the SAE's features by selectivity for --concept (mean activation on its tokens minus on "
+        "neutral contexts of the default corpus), clamp the top 1, 2, 4, 8, 16 (to --clamp, default 0) at every "
+        "position at the SAE's hook, and report forgetting (the drop of the concept text's next-token "
+        "log-probability) against retention cost (KL(clamped || clean) and the CE change on the neutral contexts).",
+    )
+    unlearn.add_argument("--sae", required=True, help="SAE folder")
+    unlearn.add_argument("--concept", required=True, help="text of the concept to forget")
+    unlearn.add_argument("--sizes", default="1,2,4,8,16", help="numbers of features to clamp (default: 1,2,4,8,16)")
+    unlearn.add_argument("--clamp", type=float, default=0.0, help="value the features are clamped to (default: 0)")
+    unlearn.add_argument("--model", help="model (default: the SAE's own, from cfg.json)")
+    unlearn.add_argument("--hook", help="hook (default: the SAE's own)")
+    unlearn.add_argument("--contexts", type=int, default=8, help="neutral contexts (default: 8)")
+    unlearn.add_argument("--context-length", type=int, default=64, help="tokens per neutral context (default: 64)")
+    unlearn.add_argument("--corpus", default="default", help="where the neutral contexts come from")
+    unlearn.add_argument("--json", action="store_true", help="print a JSON list, one object per clamp size")
+    unlearn.set_defaults(func=cmd_unlearn)
 
     from dashboard.launch import add_dashboard_parser
     from experiments.analysis import add_analyze_parser

@@ -599,3 +599,44 @@ def test_saewb_steer_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, corp
                        "--corpus", corpus_txt, *extra)
     assert code == 2 and err.count("\n") == 1 and err.startswith("saewb steer: error: "), err
     assert message in err
+
+
+def test_saewb_unlearn_json_reports_each_clamp_size(caches, tmp_path, capsys, corpus_txt):
+    train_run(run_cfg(caches, tmp_path, total_tokens=1024))
+    code, out, err = cli(capsys, "unlearn", "--sae", tmp_path / "run", "--concept", "the quick brown fox",
+                         "--sizes", "0,1,4,16", "--json", "--contexts", "2", "--context-length", "16",
+                         "--corpus", corpus_txt)
+    assert code == 0, err
+    points = json.loads(out)
+    assert [p["n_features"] for p in points] == [0, 1, 4, 16]
+    assert all(set(p) >= {"n_features", "forgetting", "kl", "delta_ce"} for p in points)
+    assert points[0] == {"n_features": 0, "features": [], "forgetting": 0.0, "kl": 0.0, "delta_ce": 0.0}
+    assert [len(p["features"]) for p in points] == [0, 1, 4, 16]
+    assert points[2]["features"][:1] == points[1]["features"]  # one ranking, clamped deeper and deeper
+    assert points[3]["kl"] > 0
+
+
+def test_the_most_selective_feature_is_the_one_that_fires_on_the_concept(hf_model, caches, tmp_path):
+    from experiments.steering import prompt_tokens
+    from experiments.unlearning import selective_features
+
+    model, _ = train_run(run_cfg(caches, tmp_path, total_tokens=1024))
+    concept = prompt_tokens(hf_model, "the quick brown fox")
+    neutral = torch.from_numpy(np.asarray(load_cache(caches[1]).tokens[:2]).astype(np.int64))
+    ranked = selective_features(hf_model, model, HOOK, concept, neutral)
+    z_concept = model.encode(hf_model.run_with_cache(concept, names_filter=[HOOK])[1][HOOK][0, 1:]).mean(0)
+    bos = int(hf_model.tokenizer.bos_token_id)
+    z_neutral = torch.cat([model.encode(hf_model.run_with_cache(r[None], names_filter=[HOOK])[1][HOOK][0][r != bos])
+                           for r in neutral]).mean(0)
+    assert int(ranked[0]) == int(torch.argmax(z_concept - z_neutral))
+
+
+def test_saewb_unlearn_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, corpus_txt):
+    train_run(run_cfg(caches, tmp_path, total_tokens=512))
+    for extra, message in [(["--sizes", "1,x"], "--sizes must be comma-separated integers"),
+                           (["--sizes", "999"], "clamp sizes must be in 0..64"),
+                           (["--concept", "a"], "the concept text needs at least two tokens")]:
+        args = ["unlearn", "--sae", tmp_path / "run", "--concept", "the fox", "--contexts", "1", "--context-length",
+                "8", "--corpus", corpus_txt, *extra]
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
