@@ -383,6 +383,63 @@ def summary_tables(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CLAIMS = (  # claim of the seed papers, run, reference ("" for an absolute value), metric, better when
+    ("FC has ≈ 0 dead latents (Ayonrinde)", "feature_choice", "", "dead_frac", "zero"),
+    ("FC (Zipf capacities) has ≈ 0 dead latents", "feature_choice+zipf", "", "dead_frac", "zero"),
+    ("MC FVU ≤ TopK at equal L0 (Ayonrinde; BatchTopK, Bussmann)", "mutual_choice", "topk", "fvu", "lower"),
+    ("FC FVU ≤ TopK at equal L0 (Ayonrinde)", "feature_choice", "topk", "fvu", "lower"),
+    ("FC (Zipf) FVU ≤ TopK at equal L0", "feature_choice+zipf", "topk", "fvu", "lower"),
+    ("aux_zipf: fewer dead latents than AuxK (MC)", "mutual_choice+aux_zipf", "mutual_choice", "dead_frac", "lower"),
+    ("aux_zipf: fewer rare latents than AuxK (MC)", "mutual_choice+aux_zipf", "mutual_choice", "rare_frac", "lower"),
+    ("aux_zipf: at no FVU cost (MC)", "mutual_choice+aux_zipf", "mutual_choice", "fvu", "not higher"),
+    (f"g-SAE ΔCE < TopK at equal L0, {GRADIENT_RULE} (Olmo)", f"gradient_topk ({GRADIENT_RULE})",
+     "topk@grads-cache", "delta_ce", "lower"),
+    (f"g-SAE ΔCE < TopK at equal L0, {PLAIN_TOPK_RULE}", f"gradient_topk ({PLAIN_TOPK_RULE})", "topk@grads-cache",
+     "delta_ce", "lower"),
+    ("FC Zipf capacities beat uniform (FVU)", "feature_choice+zipf", "feature_choice", "fvu", "lower"),
+    ("MC: per-token standardisation beats scalar normalisation (FVU)", "mutual_choice+per_token_standardize",
+     "mutual_choice", "fvu", "lower"),
+)
+"""Each claim is judged on the 95% interval of the paired difference (or of the value, for "zero")."""
+ZERO_DEAD = 0.01
+"""'≈ 0 dead' is reproduced when the interval's upper end stays below 1% of the latents."""
+
+
+def verdict(value: tuple[float, float] | None, better: str) -> str:
+    """reproduced / not reproduced / inconclusive from mean ± half-width (nan half-width: one seed)."""
+    if value is None:
+        return "not measured"
+    mean, half = value
+    if half != half:
+        return "one seed: no interval"
+    lo, hi = mean - half, mean + half
+    if better == "zero":
+        return "reproduced" if hi < ZERO_DEAD else "not reproduced"
+    if better == "lower":
+        return "reproduced" if hi < 0 else "not reproduced" if lo > 0 else "inconclusive (interval spans 0)"
+    return "reproduced" if lo <= 0 else "not reproduced"  # "not higher": no significant rise
+
+
+def claims_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown: each claim, the number (mean ± 95% CI over seeds, paired where a reference is named), verdict."""
+    by_run = {(s["run"], s["k"]): s for s in summaries}
+    lines = ["| claim | k | run − reference | value (95% CI) | seeds | verdict |", "|---|---|---|---|---|---|"]
+    for claim, run, ref, key, better in CLAIMS:
+        for k in sorted({s["k"] for s in summaries}):
+            s = by_run.get((run, k))
+            if s is None:
+                continue
+            value = s.get(key) if not ref else s.get(f"{key}_vs_{ref}")
+            shown = "–" if value is None else f"{value[0]:+.4f}"
+            if value is not None and value[1] == value[1]:
+                shown += f" ± {value[1]:.4f}"
+            if not ref and value is not None:
+                shown = shown.lstrip("+")
+            lines.append(f"| {claim} | {k} | {run}{' − ' + ref if ref else ''} ({key}) | {shown} | "
+                         f"{len(s['seeds'])} | {verdict(value, better)} |")
+    return "\n".join(lines) + "\n"
+
+
 def pareto_html(summaries: list[dict[str, Any]]) -> str:
     """L0–FVU and L0–ΔCE curves, one line per run over k, with 95% CI error bars."""
     import plotly.graph_objects as go
@@ -412,7 +469,8 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> str:
     html = figures_html(rows)
     if len({(r.get("k"), r.get("seed")) for r in rows}) > 1:  # a grid over seeds / k: aggregate it
         summaries = aggregate(rows)
-        table = summary_tables(summaries) + "\nEvery run:\n\n" + table
+        table = ("The seed papers' claims, judged on 95% intervals over seeds:\n\n" + claims_table(summaries) + "\n"
+                 + summary_tables(summaries) + "\nEvery run:\n\n" + table)
         atomic_write_json(out / "comparison_summary.json", json_safe(summaries))
         atomic_write_bytes(out / "comparison_pareto.html", pareto_html(summaries).encode())
     atomic_write_json(out / "comparison.json", rows)

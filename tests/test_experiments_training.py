@@ -640,3 +640,19 @@ def test_saewb_unlearn_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, co
                 "8", "--corpus", corpus_txt, *extra]
         code, _, err = cli(capsys, *args)
         assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_claim_verdicts_follow_the_interval():
+    from experiments.compare import claims_table, verdict
+
+    assert verdict((-0.02, 0.01), "lower") == "reproduced"
+    assert verdict((0.02, 0.01), "lower") == "not reproduced"
+    assert verdict((-0.005, 0.01), "lower") == "inconclusive (interval spans 0)"
+    assert verdict((0.002, 0.003), "zero") == "reproduced" and verdict((0.02, 0.001), "zero") == "not reproduced"
+    assert verdict((0.001, 0.002), "not higher") == "reproduced" and verdict((0.01, 0.002), "not higher") == (
+        "not reproduced")
+    assert verdict((0.1, float("nan")), "lower") == "one seed: no interval"
+    summaries = [{"run": "mutual_choice", "k": 32, "seeds": [0, 1, 2], "fvu_vs_topk": (-0.02, 0.01)}]
+    table = claims_table(summaries)
+    assert "| MC FVU ≤ TopK at equal L0 (Ayonrinde; BatchTopK, Bussmann) | 32 | mutual_choice − topk (fvu) | " \
+           "-0.0200 ± 0.0100 | 3 | reproduced |" in table
