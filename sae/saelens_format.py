@@ -191,11 +191,15 @@ def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         ) from None
 
 
+FINITE_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "norm_scale")
+"""Weights that must be finite; thresholds may be ±inf (a latent never seen fires never, or always)."""
+
+
 def _finite(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file whose header was already checked; non-finite weights are refused."""
     tensors = load_file(str(file))
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if name in FINITE_TENSORS and not bool(torch.isfinite(t).all()):
             raise SAEConfigError(f"{file} holds NaN/inf values in {name}; the SAE cannot be used.")
     return tensors
 

@@ -124,3 +124,13 @@ def test_saewb_eval_on_a_damaged_folder_is_one_line_and_exit_2(folder, tmp_path,
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("saewb eval: error: ") and "must hold a JSON object" in err
+
+
+def test_infinite_thresholds_are_a_legitimate_state_not_damage(tmp_path):
+    """Regression: a Feature-Choice latent never observed keeps threshold +inf (never fires); calibration can set
+    -inf (fires whenever positive). Only the weights must be finite."""
+    model = get_architecture("feature_choice")(SAEConfig(arch="feature_choice", d_in=D, n_features=F, k=K), seed=0)
+    model.threshold[0], model.threshold[1] = float("inf"), float("-inf")
+    model.threshold_initialized.fill_(True)
+    loaded = sae.load(model.save(tmp_path / "fc"))
+    assert torch.equal(loaded.threshold, model.threshold)
