@@ -154,6 +154,19 @@ def select_learning_rates(
     return chosen
 
 
+def read_lr_selection(out: Path, labels: list[str]) -> dict[str, float]:
+    """The learning rates out/lr_selection.json recorded, for --report-only (which trains nothing)."""
+    path = out / "lr_selection.json"
+    if not path.exists():
+        raise SAEConfigError(f"--report-only with --lr-multipliers needs the choice a finished run recorded in {path}; "
+                             "it does not exist (run the comparison first)")
+    report = json.loads(path.read_text())
+    missing = sorted(set(labels) - set(report))
+    if missing:
+        raise SAEConfigError(f"{path} has no learning rate for {', '.join(missing)}")
+    return {label: float(report[label]["chosen_lr"]) for label in labels}
+
+
 def _train_or_reuse(label: str, cfg: RunConfig, log_fn=None) -> tuple[Any, dict[str, Any]]:
     """A finished run folder of the same RunConfig is loaded; anything else is trained (resuming checkpoints)."""
     if _finished(cfg):
@@ -529,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs = plan_runs(base, args.grads_activations, args.eval_grads_activations, args.seeds, args.k, args.runs,
                          args.grads_total_tokens)
-        if args.lr_multipliers:
+        if args.lr_multipliers and args.report_only:  # the choice a finished comparison made, never a new one
+            lrs = read_lr_selection(Path(args.out), [label for label, _ in runs])
+        elif args.lr_multipliers:
             lrs = select_learning_rates(runs, args.lr_multipliers, args.lr_select_tokens, args.validation_rows,
                                         Path(args.out), args.eval_activations)
             runs = [(label, replace(cfg, lr=lrs[label])) for label, cfg in runs]
