@@ -547,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.lr_multipliers:
             lrs = select_learning_rates(runs, args.lr_multipliers, args.lr_select_tokens, args.validation_rows,
                                         Path(args.out), args.eval_activations)
+        if args.lr_multipliers:
             runs = [(label, replace(cfg, lr=lrs[label])) for label, cfg in runs]
         model = None if args.model == "none" else args.model
         rows = run_comparison(runs, model, args.ce_tokens, report_only=args.report_only)

@@ -658,12 +658,16 @@ def test_claim_verdicts_follow_the_interval():
            "-0.0200 ± 0.0100 | 3 | reproduced |" in table
 
 
-def test_report_only_reads_the_recorded_lr_choice_and_never_trains_trials(tmp_path):
+def test_report_only_reads_the_recorded_lr_choice_and_never_trains_trials(tmp_path, monkeypatch):
+    import experiments.compare as compare
     from experiments.compare import main as compare_main
 
     args = ["--activations", "c", "--out", str(tmp_path), "--lr-multipliers", "0.5", "1", "--report-only",
             "--model", "none", "--runs", "topk"]
     assert compare_main(args) == 2  # no lr_selection.json yet: one clear error instead of training trials
     (tmp_path / "lr_selection.json").write_text(json.dumps({"topk": {"chosen_lr": 1e-3}}))
+    seen = []
+    monkeypatch.setattr(compare, "_finished", lambda cfg: seen.append(cfg.lr) or False)
     assert compare_main(args) == 0  # nothing finished: an empty report, nothing trained
     assert not (tmp_path / "lr-select").exists()
+    assert seen == [1e-3]  # the runs it looks for are those trained at the recorded lr
