@@ -219,7 +219,9 @@ def test_load_model_unknown_name():
         load_model("gpt-9000")
 
 
-@pytest.mark.parametrize("command", ["cache", "train", "eval", "sweep", "analyze", "dashboard", "demo"])
+@pytest.mark.parametrize(
+    "command", ["cache", "train", "eval", "calibrate", "steer", "unlearn", "sweep", "analyze", "dashboard", "demo"]
+)
 def test_every_command_help_renders(command, capsys):
     """argparse %-formats help text: a literal '%' in a config field's help must not break --help."""
     with pytest.raises(SystemExit) as exit_info:
