@@ -157,22 +157,17 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import activations
-    import sae
     from experiments.steering import SteeringError, neutral_contexts, parse_features, score_sweep
 
     started = time.perf_counter()
-    model_sae = sae.load(args.sae)
-    name = args.model or model_sae.metadata.get("model_name")
-    hook = args.hook or model_sae.metadata.get("hook_name")
-    if not name or not hook:
-        raise SteeringError(f"{args.sae} does not name its model and hook (cfg.json metadata): pass --model and --hook")
+    model_sae, name, hook = _intervention_inputs(args)
     features = parse_features(args.features, model_sae.cfg.n_features)
     try:
         coefficients = [float(c) for c in args.coefficients.split(",") if c.strip()]
     except ValueError:
         raise SteeringError(f"--coefficients must be comma-separated numbers, got {args.coefficients!r}") from None
-    if args.contexts < 1 or args.context_length < 2 or not 0 < args.new_tokens <= 200:
-        raise SteeringError("keep --contexts >= 1, --context-length >= 2 and 1 <= --new-tokens <= 200")
+    if not 0 < args.new_tokens <= 200:
+        raise SteeringError("keep 1 <= --new-tokens <= 200")
     model = activations.load_model(name)
     neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
     bars: list = []  # opened at the first step, after the request was checked: an error stays one line
@@ -207,21 +202,16 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     import json
 
     import activations
-    import sae
     from experiments.steering import SteeringError, neutral_contexts
     from experiments.unlearning import unlearn_sweep
 
-    model_sae = sae.load(args.sae)
-    name = args.model or model_sae.metadata.get("model_name")
-    hook = args.hook or model_sae.metadata.get("hook_name")
-    if not name or not hook:
-        raise SteeringError(f"{args.sae} does not name its model and hook (cfg.json metadata): pass --model and --hook")
+    model_sae, name, hook = _intervention_inputs(args)
     try:
         sizes = tuple(int(n) for n in args.sizes.split(",") if n.strip())
     except ValueError:
         raise SteeringError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
-    if args.contexts < 1 or args.context_length < 2 or not sizes:
-        raise SteeringError("keep --contexts >= 1, --context-length >= 2 and at least one clamp size")
+    if not sizes:
+        raise SteeringError("give at least one clamp size")
     model = activations.load_model(name)
     neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
     points = unlearn_sweep(model, model_sae, hook, args.concept, neutral, sizes, args.clamp)
@@ -242,6 +232,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(dataclass_from_args(DemoConfig, args))
     return 0
+
+
+def _add_intervention_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `saewb steer` and `saewb unlearn` share: the SAE, its model and hook, and the neutral contexts."""
+    parser.add_argument("--sae", required=True, help="SAE folder")
+    parser.add_argument("--model", help="model (default: the SAE's own, from cfg.json)")
+    parser.add_argument("--hook", help="hook (default: the SAE's own)")
+    parser.add_argument("--contexts", type=int, default=8, help="neutral contexts scored (default: 8)")
+    parser.add_argument("--context-length", type=int, default=64, help="tokens per neutral context (default: 64)")
+    parser.add_argument("--corpus", default="default", help="where the neutral contexts come from (default: default)")
+
+
+def _intervention_inputs(args: argparse.Namespace):
+    """(SAE, model name, hook) for steer/unlearn, checked before the model is loaded."""
+    import sae
+    from experiments.steering import SteeringError
+
+    model_sae = sae.load(args.sae)
+    name = args.model or model_sae.metadata.get("model_name")
+    hook = args.hook or model_sae.metadata.get("hook_name")
+    if not name or not hook:
+        raise SteeringError(f"{args.sae} does not name its model and hook (cfg.json metadata): pass --model and --hook")
+    if args.contexts < 1 or args.context_length < 2:
+        raise SteeringError("keep --contexts >= 1 and --context-length >= 2")
+    return model_sae, name, hook
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,16 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens), cost = KL(steered || clean) and the CE increase per position; plus the steered greedy "
         "continuation of --prompt. Coefficient 0 has zero effect and zero cost.",
     )
-    steer.add_argument("--sae", required=True, help="SAE folder")
+    _add_intervention_arguments(steer)
     steer.add_argument("--features", required=True, help="feature ids, comma-separated (e.g. 12 or 12,40)")
     steer.add_argument("--coefficients", required=True, help="raw activation values, comma-separated (e.g. 0,2,4,8)")
     steer.add_argument("--prompt", default="The weather today is", help="prompt for the steered text")
-    steer.add_argument("--model", help="model (default: the SAE's own, from cfg.json)")
-    steer.add_argument("--hook", help="hook (default: the SAE's own)")
-    steer.add_argument("--contexts", type=int, default=8, help="neutral contexts scored (default: 8)")
-    steer.add_argument("--context-length", type=int, default=64, help="tokens per neutral context (default: 64)")
     steer.add_argument("--new-tokens", type=int, default=12, help="tokens of steered text (default: 12)")
-    steer.add_argument("--corpus", default="default", help="where the neutral contexts come from (default: default)")
     steer.add_argument("--json", action="store_true", help="print one JSON object with a 'sweep' list")
     steer.set_defaults(func=cmd_steer)
 
@@ -350,15 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
         "position at the SAE's hook, and report forgetting (the drop of the concept text's next-token "
         "log-probability) against retention cost (KL(clamped || clean) and the CE change on the neutral contexts).",
     )
-    unlearn.add_argument("--sae", required=True, help="SAE folder")
+    _add_intervention_arguments(unlearn)
     unlearn.add_argument("--concept", required=True, help="text of the concept to forget")
     unlearn.add_argument("--sizes", default="1,2,4,8,16", help="numbers of features to clamp (default: 1,2,4,8,16)")
     unlearn.add_argument("--clamp", type=float, default=0.0, help="value the features are clamped to (default: 0)")
-    unlearn.add_argument("--model", help="model (default: the SAE's own, from cfg.json)")
-    unlearn.add_argument("--hook", help="hook (default: the SAE's own)")
-    unlearn.add_argument("--contexts", type=int, default=8, help="neutral contexts (default: 8)")
-    unlearn.add_argument("--context-length", type=int, default=64, help="tokens per neutral context (default: 64)")
-    unlearn.add_argument("--corpus", default="default", help="where the neutral contexts come from")
     unlearn.add_argument("--json", action="store_true", help="print a JSON list, one object per clamp size")
     unlearn.set_defaults(func=cmd_unlearn)
 
