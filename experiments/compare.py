@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import activations
 import sae as sae_lib
 from activations.storage import atomic_write_bytes, atomic_write_json
-from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, sae_in_the_loop
+from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_loop, sae_in_the_loop
 from experiments.training import RunConfig, json_safe, train_run
 from sae.errors import SAEConfigError
 
@@ -64,6 +64,8 @@ RUN_SPECS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (  # label, arch,
     ("gradient_topk", "gradient_topk", {}, True),
     ("topk@grads-cache", "topk", {}, True),
 )
+ON_GRADS = {label: on_grads for label, _, _, on_grads in RUN_SPECS}
+"""Whether each run type trains on the gradient cache."""
 BASELINE = {False: "topk", True: "topk@grads-cache"}
 """The TopK run each row is paired with: the one trained on the same cache, seed and k."""
 ABLATION = {
@@ -132,7 +134,7 @@ def select_learning_rates(
     chosen, report = {}, {}
     for label, cfg in first.items():
         base_lr = cfg.lr or sae_lib.default_lr(cfg.n_features)
-        on_grads = next(s for s in RUN_SPECS if s[0] == label)[3]
+        on_grads = ON_GRADS[label]
         scores = {}
         for m in multipliers:
             folder = out / "lr-select" / f"{label.replace('@', '_')}-x{m:g}"
@@ -213,11 +215,7 @@ def run_comparison(
             cache = activations.load_cache(cfg.eval_activations or cfg.activations)
             n_ctx = max(1, -(-ce_tokens // int(cache.manifest["context"])))
             tokens = np.asarray(cache.tokens[:n_ctx])
-            ce = sae_in_the_loop(model, trained, cfg.hook or cache.hooks[0], tokens)
-            plain_ce = ce.pop("plain_topk", None)
-            metrics.update(ce)
-            if plain_ce is not None:
-                metrics.setdefault("plain_topk", {}).update(plain_ce)
+            merge_in_the_loop(metrics, sae_in_the_loop(model, trained, cfg.hook or cache.hooks[0], tokens))
             atomic_write_json(eval_path, json_safe(metrics))
         row = _row(label, cfg, metrics)
         rows.append(row)
@@ -350,8 +348,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_key.setdefault((row["run"], row["k"]), {})[row["seed"]] = row
     out = []
     for (run, k), seeds in by_key.items():
-        spec = next(s for s in RUN_SPECS if s[0] == seeds[next(iter(seeds))]["label"])
-        references = [BASELINE[spec[3]]] + ([ABLATION[run]] if run in ABLATION else [])
+        on_grads = ON_GRADS[seeds[next(iter(seeds))]["label"]]
+        references = [BASELINE[on_grads]] + ([ABLATION[run]] if run in ABLATION else [])
         summary: dict[str, Any] = {"run": run, "k": k, "seeds": sorted(seeds), "baseline": references[0],
                                    "references": [r for r in references if r != run]}
         for key, _, _ in SUMMARY_METRICS:

@@ -198,7 +198,7 @@ def evaluate_sae(
             f"the SAE has d_in={model_sae.cfg.d_in} but {activations_dir} has width {d_cache} at {hook}"
         )
     n = min(max_rows, cache.n_tokens)
-    metrics = cache_metrics(model_sae, cache, hook, n)
+    metrics, _ = cache_metrics(model_sae, cache, hook, n)
     result = {
         "l0": metrics["l0"],
         "fvu": metrics["fvu"],
@@ -238,11 +238,15 @@ def evaluate_sae(
             token_ids = make_tokens(cfg, model.tokenizer, int(model.tokenizer.bos_token_id), n_ctx)
         else:
             token_ids = np.asarray(cache.tokens[:n_ctx])
-        ce = sae_in_the_loop(model, model_sae, hook, token_ids, zero_ablate_bos=zero_ablate_bos)
-        result.update({k: v for k, v in ce.items() if k != "plain_topk"})
-        if "plain_topk" in ce:
-            result.setdefault("plain_topk", {}).update(ce["plain_topk"])
+        merge_in_the_loop(result, sae_in_the_loop(model, model_sae, hook, token_ids, zero_ablate_bos=zero_ablate_bos))
     return result
+
+
+def merge_in_the_loop(metrics: dict, ce: dict) -> None:
+    """Add sae_in_the_loop's CE/KL to a metrics dict; a g-SAE's plain-TopK numbers join its "plain_topk" block."""
+    metrics.update({k: v for k, v in ce.items() if k != "plain_topk"})
+    if "plain_topk" in ce:
+        metrics.setdefault("plain_topk", {}).update(ce["plain_topk"])
 
 
 def cache_eval_batches(
@@ -256,17 +260,20 @@ def cache_eval_batches(
     return [(x[i : i + step], grads[i : i + step]) for i in range(0, n, step)]
 
 
-def cache_metrics(model_sae, cache, hook: str | None, n: int, start: int = 0) -> dict:
-    """sae.evaluate on rows [start, start + n) of a cache, naming the inference rule used.
+def cache_metrics(model_sae, cache, hook: str | None, n: int, start: int = 0) -> tuple[dict, list[Any]]:
+    """sae.evaluate on rows [start, start + n) of a cache, naming the inference rule used; also returns the
+    activation batches it read (no gradients), so a caller scoring more modes does not read them again.
 
     A g-SAE on a cache with gradients is scored with its gradient rule, and also as plain TopK
     (under "plain_topk"); on a cache without gradients only plain TopK is possible, and it says so.
     """
     with_grads = bool(cache.has_grads and model_sae.needs_grads)
-    metrics = sae_lib.evaluate(model_sae, cache_eval_batches(cache, hook, n, with_grads, start=start))
+    batches = cache_eval_batches(cache, hook, n, with_grads, start=start)
+    plain_batches = [x for x, _ in batches] if with_grads else batches
+    metrics = sae_lib.evaluate(model_sae, batches)
     metrics["selection_rule"] = selection_rule(model_sae, with_grads)
     if with_grads:
-        plain = sae_lib.evaluate(model_sae, cache_eval_batches(cache, hook, n, False, start=start))
+        plain = sae_lib.evaluate(model_sae, plain_batches)
         metrics["plain_topk"] = {k: plain[k] for k in ("l0", "fvu", "explained_variance", "dead_frac", "dense_frac")}
         metrics["plain_topk"]["selection_rule"] = PLAIN_TOPK_RULE
     elif model_sae.needs_grads:
@@ -274,4 +281,4 @@ def cache_metrics(model_sae, cache, hook: str | None, n: int, start: int = 0) ->
             "the evaluation cache has no gradients, so this g-SAE was scored as plain TopK; "
             "use an eval cache made with `saewb cache --with-grads` for its gradient rule"
         )
-    return metrics
+    return metrics, plain_batches

@@ -126,13 +126,14 @@ def steering_hook(sae_model, features: list[int], values: torch.Tensor, directio
     def hook(act: torch.Tensor, hook) -> torch.Tensor:
         shape = act.shape
         x = act.reshape(shape[0], shape[1], -1).float()
-        mask = mask_of(shape[1]).to(x.device)
+        mask = mask_of(shape[1]).to(x.device)  # [T], or [R, T] when positions differ per sequence
+        mask = mask if mask.dim() == 2 else mask[None, :]
         if mode == "add":
             delta = (vals @ directions)[:, None, :]  # [R, 1, d]
         else:
             z = sae_model.encode(x)[..., feats]  # [R, T, n]
             delta = (vals[:, None, :] - z) @ directions
-        x = x + delta * mask[None, :, None] * active[:, None, None]
+        x = x + delta * mask[:, :, None] * active[:, None, None]
         return x.to(act.dtype).reshape(shape)
 
     return hook

@@ -64,7 +64,7 @@ RUNS: dict[str, RunSpec] = {
     "mutual_choice+per_token_standardize": RunSpec("mutual_choice", {"normalization": "per_token_standardize"}),
 }
 GENERATORS = ("fixed", "variable")
-THRESHOLD_ARCHS = ("mutual_choice", "feature_choice")
+THRESHOLD_ARCHS = tuple(a for a in sae_lib.TRAINABLE if sae_lib.get_architecture(a).calibration_rule)
 """Architectures whose inference rule (thresholds) differs from their training rule (batch selection)."""
 LR = 3e-3
 HELD_OUT_ROWS = 16384
@@ -164,6 +164,10 @@ def train_and_score(spec: RunSpec, data: PlantedData, settings: Settings, genera
     n_train = s.steps * s.batch_size
     held_rows = slice(n_train + s.calibration_rows, None)
     train, held_out = data.acts[:n_train], data.acts[held_rows]
+    calibrate = getattr(sae_lib, "calibrate", None)
+    calibrates = spec.arch in THRESHOLD_ARCHS and calibrate is not None
+    # calibrated below on rows of their own: the trainer's in-sample pass on the training rows would be thrown away
+    options = {**spec.options, "calibration_rows": 0} if calibrates else spec.options
     started = time.perf_counter()
     model = sae_lib.train(
         train,
@@ -174,11 +178,10 @@ def train_and_score(spec: RunSpec, data: PlantedData, settings: Settings, genera
         seed=seed,
         lr=s.lr,
         progress=False,
-        **spec.options,
+        **options,
     )
     record: dict[str, Any] = {"train_seconds": time.perf_counter() - started, "calibrated": False}
-    calibrate = getattr(sae_lib, "calibrate", None)
-    if spec.arch in THRESHOLD_ARCHS and calibrate is not None:
+    if calibrates:
         report = calibrate(model, data.acts[n_train : n_train + s.calibration_rows])
         record["calibrated"] = True
         record["calibration"] = {key: v for key, v in report.items() if isinstance(v, (bool, int, float, str))}

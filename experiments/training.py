@@ -22,8 +22,8 @@ from typing import Any
 
 import sae as sae_lib
 from activations.storage import atomic_write_json
-from experiments.evaluation import cache_eval_batches, cache_metrics
-from sae.config import SAEConfig, TrainConfig
+from experiments.evaluation import cache_metrics
+from sae.config import SAEConfig, TrainConfig, require_nonnegative_int
 
 # Options of SAEConfig/TrainConfig that RunConfig sets itself or that make no sense from a run config.
 RESERVED = {
@@ -96,8 +96,7 @@ class RunConfig:
             raise sae_lib.SAEConfigError("give --out: the folder for the trained SAE")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise sae_lib.SAEConfigError(f"--out {self.out} is an existing file; --out names a folder for the run")
-        if isinstance(self.eval_offset, bool) or not isinstance(self.eval_offset, int) or self.eval_offset < 0:
-            raise sae_lib.SAEConfigError(f"eval_offset must be an integer >= 0, got {self.eval_offset!r}")
+        require_nonnegative_int("eval_offset", self.eval_offset)
 
 
 def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
@@ -192,11 +191,10 @@ def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
     n = min(cfg.eval_tokens, cache.n_tokens - start)
     if n < 1:
         raise sae_lib.SAEConfigError(f"eval_offset={cfg.eval_offset} leaves no rows of {source} ({cache.n_tokens}).")
-    metrics = cache_metrics(model, cache, cfg.hook, n, start)
+    metrics, batches = cache_metrics(model, cache, cfg.hook, n, start)
     metrics.update({"eval_source": source, "eval_rows": n, "eval_offset": start,
                     "in_sample": cfg.eval_activations is None})
     if model.calibration_rule:
-        batches = cache_eval_batches(cache, cfg.hook, n, False, start=start)
         batch_mode = sae_lib.evaluate(model, batches, mode="batch")
         metrics["batch_mode"] = {k: batch_mode[k] for k in ("l0", "fvu") if k in batch_mode}
     return metrics

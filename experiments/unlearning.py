@@ -80,7 +80,7 @@ def unlearn_sweep(model, sae_model, hook: str, concept_text: str, neutral: torch
                 return model(tokens)
             rows = torch.full((tokens.shape[0], len(features)), float(clamp_value))  # one row of values a sequence
             fn = steering_hook(sae_model, features, rows, directions, "clamp",
-                               lambda seq_len: (torch.arange(seq_len) > 0).float())  # never the BOS
+                               lambda seq_len: (tokens != bos).float())  # never a BOS, mid-context ones included
             return model.run_with_hooks(tokens, fwd_hooks=[(hook, fn)])
 
         forgetting = float(clean_concept - _next_token_logprobs(run(concept), concept).mean())

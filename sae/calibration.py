@@ -86,7 +86,7 @@ def _sample(model: SAE, activations: Tensor | Iterable[Any], max_rows: int, batc
         items = activations
     out, held = [], 0
     for item in items:
-        x = item[0] if isinstance(item, tuple) else split_item(item)[0]  # (acts, grads or None) from a stream
+        x = split_item(item)[0]
         x = x[: max_rows - held]
         if not bool(torch.isfinite(x).all()):
             raise SAEDataError("calibration activations contain NaN/inf; nothing was changed.")

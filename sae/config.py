@@ -191,17 +191,9 @@ class TrainConfig:
         for name in ("k_aux", "dead_tokens", "checkpoint_every", "shuffle_buffer_rows"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))
-        if self.prefetch_batches is not None and (
-            isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int)
-            or self.prefetch_batches < 0
-        ):
-            raise SAEConfigError(f"prefetch_batches must be an integer >= 0, got {self.prefetch_batches!r}.")
-        if isinstance(self.calibration_rows, bool) or not isinstance(self.calibration_rows, int) or (
-            self.calibration_rows < 0
-        ):
-            raise SAEConfigError(
-                f"calibration_rows must be an integer >= 0 (0 disables), got {self.calibration_rows!r}."
-            )
+        if self.prefetch_batches is not None:
+            require_nonnegative_int("prefetch_batches", self.prefetch_batches)
+        require_nonnegative_int("calibration_rows", self.calibration_rows, " (0 disables)")
         for name in ("norm_estimation_batches", "geometric_median_rows", "keep_checkpoints", "log_every"):
             _require_positive_int(name, getattr(self, name))
 
@@ -251,6 +243,11 @@ def require_finite_floats(config: object) -> None:
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise SAEConfigError(f"{f.name} must be a finite number, got {value!r}.")
+
+
+def require_nonnegative_int(name: str, value: object, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SAEConfigError(f"{name} must be an integer >= 0{note}, got {value!r}.")
 
 
 def _require_positive_int(name: str, value: object) -> None:

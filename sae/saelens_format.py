@@ -105,8 +105,12 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
 
 def _replace(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
-    write(tmp)
-    os.replace(tmp, target)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
@@ -159,10 +163,7 @@ def _load_checked(path: Path) -> SAE:
     shapes = _header_shapes(path / WEIGHTS_FILENAME)
     if "workbench" in cfg:
         return _load_workbench(path, cfg, shapes)
-    arch = cfg.get("architecture", "standard")
-    if arch in SAELENS_WEIGHT_SHAPES:
-        _check_saelens_weights(arch, shapes, {"d_in": _size(cfg, "d_in"), "d_sae": _size(cfg, "d_sae")})
-    return load_saelens(cfg, _finite(path / WEIGHTS_FILENAME))
+    return load_saelens(cfg, shapes, path / WEIGHTS_FILENAME)
 
 
 def _read_cfg(path: Path) -> dict[str, Any]:
@@ -256,16 +257,17 @@ def _load_workbench(path: Path, cfg: dict[str, Any], shapes: dict[str, tuple[int
     return sae
 
 
-def load_saelens(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE:
-    """Build an SAE from a SAELens cfg dict and state dict (no workbench keys)."""
+def load_saelens(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], weights_file: Path) -> SAE:
+    """Build an SAE from a SAELens cfg dict (no workbench keys) and its weights file, whose header shapes
+    are checked against the config before the tensors are read."""
     arch = cfg.get("architecture", "standard")
     if arch not in SAELENS_WEIGHT_SHAPES:
         raise SAEConfigError(
             f"SAELens architecture {arch!r} is not supported; loadable: {', '.join(SAELENS_WEIGHT_SHAPES)}."
         )
     d_in, d_sae = _size(cfg, "d_in"), _size(cfg, "d_sae")
-    _check_saelens_weights(arch, {name: tuple(t.shape) for name, t in weights.items()}, {"d_in": d_in, "d_sae": d_sae})
-    weights = {name: t.float() for name, t in weights.items()}
+    _check_saelens_weights(arch, shapes, {"d_in": d_in, "d_sae": d_sae})
+    weights = {name: t.float() for name, t in _finite(weights_file).items()}
     normalize = cfg.get("normalize_activations") or "none"
     if normalize is True:  # pre-6 configs stored a bool
         normalize = "expected_average_only_in"

@@ -202,7 +202,8 @@ class Trainer:
         rows = min(self.cfg.calibration_rows, self.stream.tokens_per_pass or self.cfg.total_tokens or 0)
         if self.sae.calibration_rule and rows and self.stream.reiterable and self.coll.is_main:
             # In-sample: the trainer has no held-out data (saewb train recalibrates on its eval cache).
-            calibrate(self.sae, self.stream.batches(0), max_rows=rows, train_batch_size=self.cfg.batch_size,
+            acts = (x for x, _ in self.stream.batches(0))  # the stream's (acts, grads | None) pairs
+            calibrate(self.sae, acts, max_rows=rows, train_batch_size=self.cfg.batch_size,
                       source="training data (in-sample)")
 
     def losses(self, x_n: Tensor, g_n: Tensor | None) -> tuple[Tensor, Tensor, SparseCode, dict[str, float]]:

@@ -671,3 +671,18 @@ def test_report_only_reads_the_recorded_lr_choice_and_never_trains_trials(tmp_pa
     assert compare_main(args) == 0  # nothing finished: an empty report, nothing trained
     assert not (tmp_path / "lr-select").exists()
     assert seen == [1e-3]  # the runs it looks for are those trained at the recorded lr
+
+
+def test_a_per_sequence_position_mask_steers_only_the_selected_positions():
+    """Unlearning steers every non-BOS token of neutral contexts, whose BOS can sit mid-sequence: the hook takes
+    a [sequences, positions] mask as well as a [positions] one."""
+    from experiments.steering import feature_directions, steering_hook
+
+    model = sae_lib.get_architecture("topk")(sae_lib.SAEConfig(arch="topk", d_in=8, n_features=16, k=2,
+                                                               normalization="none"), seed=0)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1.0, 0, 1, 1, 1], [1, 1, 1, 0, 1]])
+    direction = feature_directions(model, [3])
+    out = steering_hook(model, [3], torch.full((2, 1), 2.0), direction, "add", lambda seq_len: mask)(x, None)
+    assert torch.equal(out[mask == 0], x[mask == 0])
+    assert torch.allclose(out[mask == 1], x[mask == 1] + 2.0 * direction[0], atol=1e-6)
