@@ -158,6 +158,39 @@ class ActivationCache:
             return torch.empty(0, self.manifest["d_in"][self._hook(hook)])
         return torch.cat(out)
 
+    def spread_rows(self, n_rows: int, skip_rows: int = 0, hook: str | None = None) -> tuple[torch.Tensor, int]:
+        """About ``n_rows`` rows as whole contexts evenly spaced over the cache (those starting at or after row
+        ``skip_rows``), and how many contexts they come from (blocks of the context length in a cache
+        written without tokens).
+
+        A cache holds its documents in order, so ``rows(start, stop)`` covers only the few documents that happen
+        to lie there; statistics that must hold on other documents (inference thresholds) need this sample.
+        All the rows from ``skip_rows`` on when there are no more than ``n_rows`` of them.
+        """
+        if n_rows < 1 or skip_rows < 0:
+            raise ValueError(f"n_rows must be >= 1 and skip_rows >= 0, got {n_rows} and {skip_rows}")
+        if (self.path / "tokens.npy").exists():
+            ctx = self.row_index[:, 0]
+            starts = np.flatnonzero(np.r_[True, ctx[1:] != ctx[:-1]])  # first row of every context
+        else:  # rows written without their tokens: blocks of a context's length stand in for contexts
+            starts = np.arange(0, self.n_tokens, max(1, int(self.manifest["context"])))
+        stops = np.r_[starts[1:], self.n_tokens]
+        keep = starts >= skip_rows
+        starts, stops = starts[keep], stops[keep]
+        if stops.size == 0 or int((stops - starts).sum()) <= n_rows:
+            return self.rows(int(starts[0]) if starts.size else skip_rows, self.n_tokens, hook=hook), len(starts)
+        per_context = float((stops - starts).mean())
+        want = min(len(starts), int(np.ceil(n_rows / per_context)))
+        picked = np.unique(np.linspace(0, len(starts) - 1, want).round().astype(np.int64))
+        parts, held = [], 0
+        for i in picked:
+            if held >= n_rows:
+                break
+            part = self.rows(int(starts[i]), int(stops[i]), hook=hook)[: n_rows - held]
+            parts.append(part)
+            held += part.shape[0]
+        return torch.cat(parts), len(parts)
+
     def _chunks(
         self, hook: str, order: list[int], with_grads: bool, rank: int = 0, world_size: int = 1
     ) -> Iterator[torch.Tensor]:

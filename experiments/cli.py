@@ -136,14 +136,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     hook = args.hook or model.metadata.get("hook_name") or cache.hooks[0]
     if hook not in cache.hooks:
         raise activations.CacheError(f"the SAE reads hook {hook!r}, but {args.activations} holds {cache.hooks}")
-    stop = min(cache.n_tokens, args.skip_rows + args.rows)
-    if stop <= args.skip_rows:
+    if args.skip_rows >= cache.n_tokens:
         raise sae.SAEConfigError(f"--skip-rows {args.skip_rows} leaves no rows of {args.activations} "
                                  f"({cache.n_tokens} rows).")
-    rows = cache.rows(args.skip_rows, stop, hook=hook)
-    record = sae.calibrate(model, rows, target_l0=args.target_l0, max_rows=stop - args.skip_rows,
+    rows, n_contexts = cache.spread_rows(args.rows, skip_rows=args.skip_rows, hook=hook)
+    record = sae.calibrate(model, rows, target_l0=args.target_l0, max_rows=args.rows,
                            train_batch_size=args.train_batch_size,
-                           source=f"{args.activations} rows {args.skip_rows}-{stop}")
+                           source=f"{args.activations}: {rows.shape[0]} rows of {n_contexts} contexts spread over "
+                                  f"its rows from {args.skip_rows} on")
     model.save(args.sae)
     print(json.dumps(record))
     return 0
@@ -320,17 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser(
         "calibrate",
         help="set a Mutual-Choice / Feature-Choice SAE's inference thresholds from its final weights",
-        description="Recalibrate the inference thresholds of a Mutual-Choice or Feature-Choice SAE on cache rows "
-        "(use a held-out cache): MC gets one threshold with mean L0 = --target-l0 (default k) on the rows; FC "
-        "gets per-latent thresholds so latent i fires on the share m_i/B of rows its training capacity allowed "
-        "(x target/k). The folder is rewritten in place, file by file through temp names; cfg.json records the "
-        "sample and the L0 reached. `saewb train` already does this at the end of every MC/FC run.",
+        description="Recalibrate the inference thresholds of a Mutual-Choice or Feature-Choice SAE on a sample of "
+        "--rows rows, whole contexts spread evenly over the cache (thresholds follow the documents of their sample, "
+        "so a contiguous slice would fit only its few documents): MC gets one threshold with mean L0 = --target-l0 "
+        "(default k) on the sample; FC gets per-latent thresholds so latent i fires on its training share m_i/B of "
+        "rows, all shares scaled by one factor s >= target/k until the mean L0 is the target (a latent never fires "
+        "on more rows than its pre-activation is positive on). The folder is rewritten in place, file by file "
+        "through temp names; cfg.json records the sample, s and the L0 reached. `saewb train` already does this "
+        "at the end of every MC/FC run, on its training cache.",
     )
     calibrate.add_argument("--sae", required=True, help="MC/FC SAE folder to recalibrate (rewritten in place)")
-    calibrate.add_argument("--activations", required=True, help="activation cache to calibrate on (held-out)")
+    calibrate.add_argument("--activations", required=True, help="activation cache to calibrate on")
     calibrate.add_argument("--target-l0", type=float, help="mean active latents per token to reach (default: k)")
     calibrate.add_argument("--rows", type=int, default=131_072, help="rows to use (default: 131072, >= 100k advised)")
-    calibrate.add_argument("--skip-rows", type=int, default=0, help="start after this many cache rows (default: 0)")
+    calibrate.add_argument("--skip-rows", type=int, default=0,
+                           help="sample only contexts that start after this many cache rows (default: 0)")
     calibrate.add_argument("--hook", help="hook of a multi-hook cache (default: the SAE's hook_name, else the first)")
     calibrate.add_argument("--train-batch-size", type=int,
                            help="FC: batch size its capacities refer to (default: the one it was trained with)")

@@ -31,7 +31,7 @@ import activations
 import sae as sae_lib
 from activations.storage import atomic_write_bytes, atomic_write_json
 from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_loop, sae_in_the_loop
-from experiments.training import RunConfig, json_safe, train_run
+from experiments.training import RunConfig, finish_run, json_safe, train_run
 from sae.errors import SAEConfigError
 
 COLUMNS = (  # header, metric key, format
@@ -172,11 +172,25 @@ def read_lr_selection(out: Path, labels: list[str]) -> dict[str, float]:
 def _train_or_reuse(label: str, cfg: RunConfig, log_fn=None) -> tuple[Any, dict[str, Any]]:
     """A finished run folder of the same RunConfig is loaded; anything else is trained (resuming checkpoints)."""
     if _finished(cfg):
-        eval_path = Path(cfg.out) / "eval.json"
+        model, metrics = sae_lib.load(cfg.out), json.loads((Path(cfg.out) / "eval.json").read_text())
+        if stale_calibration(model, metrics):  # an older rule: recalibrate and score again, no training
+            print(f"[compare] {label}: recalibrating the finished run in {cfg.out} on a spread sample", file=sys.stderr)
+            keep = {key: metrics[key] for key in ("shared_stream_runs",) if key in metrics}
+            return model, finish_run(cfg, model, float(metrics["train_seconds"]), **keep)
         print(f"[compare] {label}: reusing the finished run in {cfg.out}", file=sys.stderr)
-        return sae_lib.load(cfg.out), json.loads(eval_path.read_text())
+        return model, metrics
     print(f"[compare] training {label} ({cfg.arch}, k={cfg.k}, seed {cfg.seed}) on {cfg.activations}", file=sys.stderr)
     return train_run(cfg, log_fn=log_fn)
+
+
+def stale_calibration(model: Any, metrics: dict[str, Any]) -> bool:
+    """An MC/FC run whose thresholds were calibrated before the current rule: on a contiguous slice instead of
+    contexts spread over the training cache, or (FC) without the capacity scale that keeps the mean L0 at k."""
+    if not model.calibration_rule or "calibration" not in metrics:
+        return False
+    record = metrics["calibration"]
+    spread = "spread over the training cache" in str(record.get("source", ""))
+    return not spread or (record.get("rule") == "per_latent" and "capacity_scale" not in record)
 
 
 def _finished(cfg: RunConfig) -> bool:

@@ -6,8 +6,10 @@ at L0 420 instead of 32 after 30 steps). Calibration sets them from the final we
 
 - Mutual-Choice: one θ such that exactly target·N of the N·F pre-activations exceed it, so the mean
   threshold-mode L0 on the sample is the target (default k);
-- Feature-Choice: per latent θ_i such that latent i fires on n_i = round(N·m_i/B) of the N rows (its
-  (1 − m_i/B) quantile), m_i its capacity at the training batch size B (× target/k when a target is given).
+- Feature-Choice: per latent θ_i such that latent i fires on n_i = min(round(s·N·m_i/B), P_i) of the N rows,
+  m_i its capacity at the training batch size B, P_i the rows where its pre-activation is positive (a ReLU
+  latent fires nowhere else) and s ≥ target/k the smallest scale with Σ n_i = round(target·N): the relative
+  capacities stay, and the latents short of positives do not pull the mean L0 below the target.
 
 Each threshold sits midway between the last value kept and the first one left out. The sample and the
 L0 reached are recorded in `training_info["calibration"]` (cfg.json). Exact, in bounded memory: a
@@ -67,13 +69,13 @@ def calibrate(
             if not B:
                 raise SAEConfigError("Feature-Choice calibration needs the training batch size (train_batch_size=...): "
                                      "its capacities m_i are per batch of B tokens.")
-            theta_i, reached = _per_latent_thresholds(model, rows, target / model.cfg.k, int(B))
+            theta_i, reached, scale = _per_latent_thresholds(model, rows, target, int(B))
             model.threshold.copy_(theta_i)
         model.threshold_initialized.fill_(True)
     n = sum(r.shape[0] for r in rows)
     record = {"rows": n, "source": source, "target_l0": target, "reached_l0": reached, "rule": rule}
     if rule == "per_latent":
-        record["train_batch_size"] = int(B)
+        record.update(train_batch_size=int(B), capacity_scale=scale)
     model.training_info = {**model.training_info, "calibration": record}
     return record
 
@@ -123,11 +125,18 @@ def _global_threshold(model: SAE, rows: list[Tensor], target: float) -> tuple[fl
         factor *= 2
 
 
-def _per_latent_thresholds(model: SAE, rows: list[Tensor], scale: float, train_batch_size: int) -> tuple[Tensor, float]:
-    """θ_i with round(N·m_i/B·scale) of the N rows above it, per latent."""
+def _per_latent_thresholds(
+    model: SAE, rows: list[Tensor], target: float, train_batch_size: int
+) -> tuple[Tensor, float, float | None]:
+    """(θ, reached L0, capacity scale s): θ_i with n_i = min(round(s·N·m_i/B), P_i) of the N rows above it.
+
+    s is None when even every positive row of every latent with a capacity falls short of the target."""
     n_rows = sum(r.shape[0] for r in rows)
-    m = model.capacities(train_batch_size).double()
-    want = torch.round(n_rows * m / train_batch_size * scale).clamp(0, n_rows).to(torch.int64)
+    positives = torch.zeros(model.cfg.n_features, dtype=torch.int64, device=model.threshold.device)
+    for x_n in rows:
+        positives += (model.pre_acts(x_n) > 0).sum(dim=0)
+    share = model.capacities(train_batch_size).double().to(positives.device) / train_batch_size
+    scale, want = capacity_scale(share, positives, n_rows, target, start=target / model.cfg.k)
     full = want > FULL_COLUMN_ABOVE
     running = int(want[~full].max()) + 1 if bool((~full).any()) else 0
     top: Tensor | None = None
@@ -139,7 +148,7 @@ def _per_latent_thresholds(model: SAE, rows: list[Tensor], scale: float, train_b
             top = part.topk(min(running, part.shape[0]), dim=0).values  # sorted, largest first
         if bool(full.any()):
             whole.append(a[:, full])
-    theta = torch.empty(model.cfg.n_features, dtype=model.threshold.dtype)
+    theta = torch.empty(model.cfg.n_features, dtype=model.threshold.dtype, device=model.threshold.device)
     if running:
         assert top is not None
         theta[~full] = _between(top, want[~full]).to(theta.dtype)
@@ -150,7 +159,33 @@ def _per_latent_thresholds(model: SAE, rows: list[Tensor], scale: float, train_b
     for x_n in rows:  # one more cheap pass: the L0 these thresholds give on the sample (ties can move it)
         a = model.pre_acts(x_n)
         reached += float((a > theta.relu()).sum())
-    return theta, reached / n_rows
+    return theta, reached / n_rows, scale
+
+
+def capacity_scale(
+    share: Tensor, positives: Tensor, n_rows: int, target: float, start: float = 1.0
+) -> tuple[float | None, Tensor]:
+    """The smallest s ≥ start with Σ_i min(round(s·N·share_i), P_i) ≥ round(target·N), and those counts.
+
+    share_i = m_i/B; P_i = positives. When even every positive row cannot reach the target: (None, P).
+    """
+    total = round(target * n_rows)
+
+    def counts(s: float) -> Tensor:
+        return torch.minimum(torch.round(s * n_rows * share).to(torch.int64), positives)
+
+    if int(counts(start).sum()) >= total:
+        return start, counts(start)
+    reachable = torch.where(share > 0, positives, torch.zeros_like(positives))  # counts(s) as s grows without end
+    if int(reachable.sum()) <= total:
+        return None, reachable
+    lo, hi = start, start * 2
+    while int(counts(hi).sum()) < total:
+        lo, hi = hi, hi * 2
+    for _ in range(60):  # bisection to float resolution; counts(s) is a non-decreasing step function
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if int(counts(mid).sum()) >= total else (mid, hi)
+    return hi, counts(hi)
 
 
 def _between(sorted_values: Tensor, counts: Tensor) -> Tensor:

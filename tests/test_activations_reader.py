@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import BOS_ID
+from conftest import BOS_ID, write_cache
 
 from activations.cache import CacheConfig, CacheError, build_cache
 from activations.reader import load_cache
@@ -213,6 +213,33 @@ def test_rows_across_shard_boundaries(grads_cache):
     torch.testing.assert_close(grads_cache.rows(first_shard - 3, first_shard + 5), everything[first_shard - 3 :][:8])
     assert grads_cache.rows(n, n + 10).shape == (0, 32)
     assert grads_cache.rows(n - 2, n + 10, hook=HOOKS[1]).shape == (2, 64)
+
+
+def test_spread_rows_are_whole_contexts_evenly_spaced(tmp_path):
+    """10 blocks of 10 unique rows (a cache without tokens: blocks of the context length stand for contexts)."""
+    acts = torch.arange(100 * 3, dtype=torch.float32).reshape(100, 3)
+    cache = load_cache(write_cache(tmp_path / "c", acts, shard_rows=9))  # "context" 10; shards of 9 rows
+    rows, n_contexts = cache.spread_rows(40)
+    assert n_contexts == 4 and torch.equal(rows, torch.cat([acts[0:10], acts[30:40], acts[60:70], acts[90:100]]))
+    # Contexts starting at or after skip_rows; capped at n_rows (the last context cut short).
+    rows, n_contexts = cache.spread_rows(15, skip_rows=35)
+    assert n_contexts == 2 and torch.equal(rows, torch.cat([acts[40:50], acts[90:95]]))
+    # No more rows than asked for left: all of them.
+    rows, n_contexts = cache.spread_rows(1000, skip_rows=80)
+    assert n_contexts == 2 and torch.equal(rows, acts[80:])
+    with pytest.raises(ValueError, match="n_rows must be >= 1 and skip_rows >= 0, got 0 and 0"):
+        cache.spread_rows(0)
+
+
+def test_spread_rows_follow_the_contexts_of_the_tokens(grads_cache):
+    """A cache with tokens: contexts are those of row_index (BOS-free rows of varying count)."""
+    ctx = grads_cache.row_index[:, 0]
+    everything = grads_cache.rows(0, grads_cache.n_tokens, hook=HOOKS[1])
+    lengths = np.bincount(ctx)
+    n_rows = int(2 * lengths.mean())  # two contexts' worth: the first and the last
+    rows, n_contexts = grads_cache.spread_rows(n_rows, hook=HOOKS[1])
+    expected = torch.cat([everything[torch.from_numpy(ctx == c)] for c in (0, 15)])[:n_rows]
+    assert n_contexts == 2 and torch.equal(rows, expected)
 
 
 def test_context_of_matches_row_index_and_activations(grads_cache, tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -469,6 +470,23 @@ def test_zero_ablation_of_bos_is_an_option(hf_model, caches):
     assert saelens["ce_loss_clean"] == ours["ce_loss_clean"] and saelens["ce_loss_recovered"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_runs_calibrate_on_contexts_spread_over_the_training_cache(caches, tmp_path, arch):
+    """Bug fixed: thresholds were calibrated on the eval-cache rows after the metric rows (a few documents, so FC
+    missed k by 10% on the metric rows); now on whole contexts spread over the training cache, with the target
+    L0 reached on that sample."""
+    cfg = run_cfg(caches, tmp_path, arch=arch, total_tokens=1024, options={**FAST, "calibration_rows": 256})
+    model, metrics = train_run(cfg)
+    record = metrics["calibration"]
+    train = load_cache(caches[0])
+    rows, n_contexts = train.spread_rows(256, hook=HOOK)
+    assert record["rows"] == rows.shape[0] == 256 and n_contexts > 1
+    assert record["source"] == f"{caches[0]}: 256 rows of {n_contexts} contexts spread over the training cache"
+    assert record["reached_l0"] == pytest.approx(4, abs=0.02)  # FC: 256 rows x 1/16 of them = 16 per latent
+    assert float((model.encode(rows) > 0).sum()) / 256 == pytest.approx(record["reached_l0"])
+    assert model.training_info["calibration"] == record
+
+
 def test_saewb_calibrate_rewrites_thresholds_and_records_the_sample(caches, tmp_path, capsys):
     train_run(run_cfg(caches, tmp_path, arch="mutual_choice", total_tokens=1024))
     folder = tmp_path / "run"
@@ -544,6 +562,29 @@ def test_report_only_trains_nothing_and_keeps_finished_runs(caches, tmp_path, mo
     monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("report_only must not train"))
     rows = compare.run_comparison(runs, None, 0, report_only=True)
     assert [r["run"] for r in rows] == ["topk"]
+
+
+def test_finished_runs_calibrated_by_an_older_rule_are_recalibrated_not_retrained(caches, tmp_path, monkeypatch):
+    import experiments.compare as compare
+
+    base = run_cfg(caches, tmp_path, total_tokens=512)
+    runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "feature_choice"])
+    compare.run_comparison(runs, None, 0)
+    fc_folder = Path(runs[1][1].out)
+    weights = (fc_folder / "sae_weights.safetensors").read_bytes()
+    fresh = json.loads((fc_folder / "eval.json").read_text())
+    old = {**fresh, "l0": 99.0, "calibration": {**fresh["calibration"], "source": "eval rows 0-100 (held out)"}}
+    (fc_folder / "eval.json").write_text(json.dumps(old))
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run must not be retrained"))
+    rows = compare.run_comparison(runs, None, 0)
+    again = json.loads((fc_folder / "eval.json").read_text())
+    assert again["calibration"] == fresh["calibration"] and again["l0"] == fresh["l0"]
+    assert again["train_seconds"] == fresh["train_seconds"] and [r["l0"] for r in rows][1] == fresh["l0"]
+    # The dictionary is the trained one; only the thresholds were rewritten (to the same values here).
+    assert (fc_folder / "sae_weights.safetensors").read_bytes() == weights
+    # A record of the current rule is reused as it is, and so is every TopK run.
+    assert not compare.stale_calibration(sae_lib.load(fc_folder), again)
+    assert not compare.stale_calibration(sae_lib.load(runs[0][1].out), old)
 
 
 def replace_out(cfg: RunConfig, out) -> RunConfig:

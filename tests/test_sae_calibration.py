@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sae
+from sae.calibration import capacity_scale
 from sae.config import SAEConfig
 from sae.errors import SAEConfigError, SAEDataError
 from sae.registry import get_architecture
@@ -75,15 +76,47 @@ def test_mutual_choice_threshold_is_the_brute_force_midpoint():
     assert model.threshold.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
-def test_feature_choice_calibration_gives_each_latent_its_share_of_rows(data):
+@pytest.mark.parametrize("capacity", ["uniform", "zipf"])
+def test_feature_choice_calibration_gives_each_latent_its_share_of_rows(data, capacity):
+    """n_i = min(round(s·N·m_i/B), P_i), s the recorded capacity scale (1 when no latent is short of positives)."""
     train, sample, _ = data
-    model = short_run("feature_choice", train)
-    sae.calibrate(model, sample)
+    model = short_run("feature_choice", train, fc_capacity=capacity)
+    record = sae.calibrate(model, sample)
     m = model.capacities(B).double()
     fired = (model.encode(sample) > 0).sum(dim=0)
-    want = torch.round(sample.shape[0] * m / B).to(torch.int64)
-    positive_enough = (model.pre_acts(model.normalize(sample)[0]) > 0).sum(dim=0) >= want
-    assert torch.equal(fired[positive_enough], want[positive_enough])  # a column with fewer positives fires less
+    positives = (model.pre_acts(model.normalize(sample)[0]) > 0).sum(dim=0)
+    want = torch.round(record["capacity_scale"] * sample.shape[0] * m / B).to(torch.int64)
+    assert torch.equal(fired, torch.minimum(want, positives))
+
+
+def test_feature_choice_zipf_calibration_reaches_the_target_despite_latents_short_of_positives(data):
+    """Bug fixed: a Zipf head latent asked for more rows than it has positive pre-activations fired on fewer, so
+    in-sample L0 fell short of k (3.81 for k=4 here, 30.0 for k=32 on SmolLM2); the other capacities now scale up
+    together until the mean L0 is the target."""
+    train, sample, _ = data
+    model = short_run("feature_choice", train, fc_capacity="zipf")
+    record = sae.calibrate(model, sample)
+    positives = (model.pre_acts(model.normalize(sample)[0]) > 0).sum(dim=0)
+    share_rows = torch.round(sample.shape[0] * model.capacities(B).double() / B)
+    assert bool((positives < share_rows).any())  # the case the fix is for
+    assert record["capacity_scale"] > 1
+    assert record["reached_l0"] == pytest.approx(K, abs=2e-3)  # a step of round(): 10 of 8192 x 4 entries here
+    assert float((model.encode(sample) > 0).sum()) / sample.shape[0] == record["reached_l0"]
+
+
+def test_capacity_scale_is_the_smallest_that_reaches_the_total():
+    """Float64 reference by brute force over a fine grid of s."""
+    share = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0], dtype=torch.float64)
+    positives = torch.tensor([10, 100, 100, 100, 100])
+    scale, counts = capacity_scale(share, positives, n_rows=100, target=0.9)
+    assert int(counts.sum()) >= 90 and torch.equal(counts, torch.minimum(torch.round(scale * 100 * share).long(),
+                                                                          positives))
+    grid = [s / 1000 for s in range(1000, 4000)]
+    smallest = next(s for s in grid if int(torch.minimum(torch.round(s * 100 * share).long(), positives).sum()) >= 90)
+    assert smallest - 1e-3 < scale <= smallest
+    # Unreachable: every positive row of the latents with a capacity, and no scale; the zero-share latent stays 0.
+    scale, counts = capacity_scale(share, positives, n_rows=100, target=4.0)
+    assert scale is None and counts.tolist() == [10, 100, 100, 100, 0]
 
 
 def test_feature_choice_full_columns_match_the_running_top(monkeypatch, data):
