@@ -1,7 +1,8 @@
 """Activations: models, corpora, and the sharded on-disk activation cache."""
 
-from activations.cache import CacheConfig, CacheError, build_cache
+from activations.cache import CacheConfig, build_cache
 from activations.corpus import DEFAULT_CORPUS, CorpusError, load_corpus
+from activations.format import CacheError
 from activations.hooks import HookError
 from activations.models import DEFAULT_MODEL, ModelLoadError, available_models, load_model
 from activations.reader import ActivationCache, load_cache

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
+import json
 import sys
 import threading
 import time
@@ -25,16 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from activations.corpus import corpus_fingerprint, iter_texts, load_corpus, pack_tokens
+from activations.format import DTYPES, FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError, sha256_file
 from activations.hooks import HookSpec, resolve_hooks, stop_layer
+from activations.models import load_model
 from activations.storage import atomic_write_bytes, atomic_write_json
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# numpy has no bfloat16: those rows are stored as their raw 16 bits and viewed back in torch.
-STORAGE_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 TARGET_SHARD_BYTES = 128 * 2**20
 # Keys that decide a cache's bytes: a resume must match them all.
 IDENTITY_KEYS = (
@@ -51,10 +51,6 @@ IDENTITY_KEYS = (
     "shard_contexts",
     "skip_contexts",
 )
-
-
-class CacheError(ValueError):
-    """Bad cache arguments, a clash with an existing cache, or a failure to write one."""
 
 
 @dataclass
@@ -218,14 +214,6 @@ def _verify_listed_shards(out: Path, manifest: dict) -> list[int]:
     return sorted(set(bad))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _remove_temp_files(out: Path) -> None:
     for tmp in out.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)
@@ -302,8 +290,6 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
     n_contexts = -(-cfg.tokens // cfg.context)
     existing = None
     if (out / MANIFEST).exists():
-        import json
-
         try:
             existing = json.loads((out / MANIFEST).read_text())
         except ValueError as exc:
@@ -331,8 +317,6 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
             return existing
 
     if model is None:
-        from activations.models import load_model
-
         model = load_model(cfg.model)
     specs = resolve_hooks(model, cfg.hooks)
     tokenizer = model.tokenizer
@@ -383,16 +367,12 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
 
 
 def _fill_shards(model, cfg, specs, tokens, manifest, out: Path, bos_id: int, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
     shard_contexts = manifest["shard_contexts"]
     n_contexts = manifest["n_contexts"]
     done = {s["index"] for s in manifest["shards"]}

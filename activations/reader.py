@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from activations.cache import FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError, sha256_file
+from activations.format import FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError, sha256_file
 from activations.shuffle import mixing_buffer
 
 CHUNK_ROWS = 8192

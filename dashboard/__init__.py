@@ -1,1 +1,1 @@
-"""Streamlit dashboard over the analysis store built by `saewb analyze` (see experiments/analysis.py)."""
+"""Streamlit dashboard over the analysis store built by `saewb analyze` (see experiments/analysis/)."""

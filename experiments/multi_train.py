@@ -24,9 +24,11 @@ from experiments.training import (
     open_run_data,
     prepare_run,
 )
-from sae.batches import BatchStream, batch_reader, make_stream
 from sae.config import TrainConfig
-from sae.trainer import LogFn, Trainer, TrainLogger
+from sae.training.prefetch import batch_reader
+from sae.training.streams import BatchStream, make_stream
+from sae.training.tracking import LogFn, TrainLogger
+from sae.training.trainer import Trainer
 
 SHARED_KEYS = ("activations", "hook", "batch_size", "total_tokens", "seed", "shuffle", "shuffle_buffer_rows")
 """What decides the batches a run reads; runs trained together must agree on all of it."""

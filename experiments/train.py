@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.cli import run_user_command
+from experiments.cli.train import train_with_logging
 from experiments.data_parallel import leave_rank, process_group
+from experiments.training import load_run_config
+from experiments.user_errors import run_user_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        from experiments.cli import train_with_logging
-        from experiments.training import load_run_config
-
         cfg = load_run_config(args.config, out=args.out, activations=args.activations, wandb=args.wandb)
         with process_group():
             return train_with_logging(cfg)

@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+import activations
 import sae as sae_lib
 from activations.storage import atomic_write_json
 from experiments.evaluation import cache_metrics
 from sae.config import SAEConfig, TrainConfig, require_nonnegative_int
+from sae.distributed import default_collectives
 
 # Options of SAEConfig/TrainConfig that RunConfig sets itself or that make no sense from a run config.
 RESERVED = {
@@ -101,8 +105,6 @@ class RunConfig:
 
 def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
     """A RunConfig from a YAML (or JSON) file; unknown keys are an error that lists the allowed ones."""
-    import yaml
-
     path = Path(path)
     if not path.exists():
         raise sae_lib.SAEConfigError(f"config file {path} does not exist")
@@ -182,8 +184,6 @@ def cache_metadata(cache, hook: str) -> dict[str, Any]:
 
 def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
     """Metrics on the eval cache (first ``eval_tokens`` rows), in the original activation space."""
-    import activations
-
     source = cfg.eval_activations or cfg.activations
     cache = activations.load_cache(source)
     start = min(cfg.eval_offset, cache.n_tokens)
@@ -201,8 +201,6 @@ def evaluate_run(model: sae_lib.SAE, cfg: RunConfig) -> dict[str, Any]:
 
 def open_run_data(cfg: RunConfig):
     """The cache, the hook to train on, and what sae.train should read (the cache or one hook of it)."""
-    import activations
-
     cache = activations.load_cache(cfg.activations)
     hook = cfg.hook or cache.hooks[0]
     if hook not in cache.hooks:
@@ -247,8 +245,6 @@ def calibrate_run(cfg: RunConfig, model: sae_lib.SAE) -> None:
     after the metric rows (a few documents), Feature-Choice reached L0 35.3 instead of 32 on the metric rows;
     spread over the training cache, 31.9-32.0 (docs/ALGORITHMS.md §2). The metric rows stay unseen.
     """
-    import activations
-
     count = calibration_rows(cfg) if model.calibration_rule else 0
     if not count:
         return
@@ -304,8 +300,6 @@ def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]
 
 def is_main_process() -> bool:
     """False on data-parallel ranks other than 0 (which must not write run outputs)."""
-    from sae.distributed import default_collectives
-
     return default_collectives().is_main
 
 

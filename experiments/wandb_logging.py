@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
+from sae.errors import SAEConfigError
+
 MODES = ("online", "offline", "disabled")
 DEFAULT_HOST = "https://api.wandb.ai"
 DENSITY_FLOOR = 1e-10
@@ -29,7 +33,6 @@ LogFn = Callable[[int, dict[str, Any]], None]
 
 
 def _mode_error(message: str) -> Exception:
-    from sae.errors import SAEConfigError  # imported here: torch is not needed to pick a mode
 
     return SAEConfigError(message)
 
@@ -117,7 +120,7 @@ class WandbRun:
         self.run: Any = None
 
     def __enter__(self) -> WandbRun:
-        import wandb
+        import wandb  # deferred: ~1 s of every saewb start-up (docs/ARCHITECTURE.md)
 
         self.mode = resolve_mode(self.requested_mode, announce=False)
         fallback = self.mode == "offline" and not (self.requested_mode or os.environ.get("WANDB_MODE"))
@@ -197,8 +200,7 @@ def histograms(metrics: Mapping[str, Any]) -> dict[str, Any]:
     The density comes from the per-latent ``density`` tensor, or else from a precomputed
     ``density_histogram`` (``{"edges", "counts"}``, as `sae.evaluate` returns and eval.json stores).
     """
-    import numpy as np
-    import wandb
+    import wandb  # deferred: ~1 s of every saewb start-up (docs/ARCHITECTURE.md)
 
     out: dict[str, Any] = {}
     density = metrics.get("density")
@@ -220,7 +222,6 @@ def l0_histogram_bins(counts, max_bins: int = MAX_HISTOGRAM_BINS):
 
     Bin i covers L0 values [edges[i], edges[i+1]); edges sit at half-integers so each holds whole L0 values.
     """
-    import numpy as np
 
     counts = np.asarray(counts, dtype=np.int64)
     nonzero = np.flatnonzero(counts)

@@ -6,14 +6,16 @@
     report = sae.evaluate(same, held_out_acts)
 """
 
+from sae.api import build_trainer, train
 from sae.base import SAE
 from sae.calibration import calibrate
 from sae.config import SAEConfig, TrainConfig, field_help
 from sae.errors import SAEConfigError, SAEDataError, SAEError, SAETrainingError
+from sae.loading import load_sae as load
 from sae.metrics import MetricsAccumulator, ce_loss_recovered, evaluate, kl_score
 from sae.registry import ARCHITECTURES, TRAINABLE, get_architecture
-from sae.saelens_format import load_sae as load
-from sae.trainer import Trainer, build_trainer, default_lr, train
+from sae.training.schedule import default_lr
+from sae.training.trainer import Trainer
 
 __all__ = [
     "ARCHITECTURES",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from sae.config import SAEConfig
 from sae.distributed import SINGLE_PROCESS, Collectives
 from sae.errors import SAEConfigError, SAEDataError
+from sae.io import write_folder
 from sae.normalization import TokenStats, denormalize, normalize, normalize_grads
 from sae.sparse_code import SparseCode, Support, gather_pre_acts, topk_support
 
@@ -219,10 +220,15 @@ class SAE(nn.Module):
         return self.decode(self.encode(x, grads), x)
 
     def save(self, path: str | Path) -> Path:
-        """Write cfg.json + sae_weights.safetensors in SAELens' format (plus our exact extras)."""
-        from sae.saelens_format import save_sae
-
-        return save_sae(self, path)
+        """Write cfg.json + sae_weights.safetensors in SAELens' format (plus our exact extras; sae/io.py)."""
+        return write_folder(
+            path,
+            cfg=self.cfg,
+            saelens_architecture=self.saelens_architecture,
+            state=self.state_dict(),
+            metadata=self.metadata,
+            training_info=self.training_info,
+        )
 
     def _check_width(self, t: Tensor, what: str) -> None:
         if t.shape[-1] != self.cfg.d_in:

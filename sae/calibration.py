@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sae.base import SAE
-from sae.batches import split_item
+from sae.batch_items import split_item
 from sae.errors import SAEConfigError, SAEDataError
 
 DEFAULT_ROWS = 131_072

@@ -1,7 +1,16 @@
-"""Typed configs for an SAE and its training run: one source of truth for defaults.
+"""Typed configs for an SAE and its training run: one source of truth for defaults and for routing options.
 
 The string under each field is its help text; `field_help(SAEConfig)` returns them for a CLI.
 Items marked "our choice" are design decisions from docs/ALGORITHMS.md's UNCONFIRMED list.
+
+Every field declares its role once, in its `_option(role, default, explicit=...)` (the field table):
+- "sae": part of the SAE (SAEConfig, saved in cfg.json);
+- "train": how the run trains, so a resume must use the same value (TrainConfig);
+- "run_only": how this process runs (checkpoints, logging, kernels, prefetch), not the trained result,
+  so a resume may change it (TrainConfig);
+and `explicit=True` marks the fields `sae.build_trainer` takes as named arguments (arch, n_features, k,
+batch_size, total_tokens, lr, seed) or derives (d_in) rather than as **options. Routers read the table
+through `fields_with_role` and `option_roles`.
 """
 
 from __future__ import annotations
@@ -23,40 +32,53 @@ NORMALIZATIONS = ("scalar", "per_token_standardize", "none")
 FC_CAPACITIES = ("uniform", "zipf")
 AUX_LOSSES = ("auxk", "aux_zipf", "none")
 
+ROLES = ("sae", "train", "run_only")
+"""Roles of config fields; see the module docstring."""
+ROLE = "role"
+EXPLICIT = "explicit"
+"""Keys of a field's metadata: its role, and whether build_trainer takes it as a named argument."""
+
+
+def _option(role: str, default: Any = dataclasses.MISSING, *, explicit: bool = False) -> Any:
+    """A config field with its role (and explicit flag) in its metadata; `default` as dataclasses.field's."""
+    if role not in ROLES:
+        raise ValueError(f"unknown field role {role!r}; roles: {', '.join(ROLES)}.")
+    return dataclasses.field(default=default, metadata={ROLE: role, EXPLICIT: explicit})
+
 
 @dataclass
 class SAEConfig:
     """Everything needed to rebuild an SAE and run its selection rule (saved in cfg.json)."""
 
-    arch: str
+    arch: str = _option("sae", explicit=True)
     "Architecture name from sae.registry: topk, mutual_choice, feature_choice, gradient_topk."
-    d_in: int
+    d_in: int = _option("sae", explicit=True)
     "Width of the activation vectors."
-    n_features: int
+    n_features: int = _option("sae", explicit=True)
     "Number of latents F."
-    k: int | None = None
+    k: int | None = _option("sae", None, explicit=True)
     "Active latents per token (TopK, g-SAE), mean per token (Mutual-Choice), or k*B/F per feature (FC)."
-    normalization: str = "scalar"
+    normalization: str = _option("sae", "scalar")
     "Input normalisation stored with the SAE: scalar (c = sqrt(d)/E||x||), per_token_standardize, none."
-    apply_b_dec_to_input: bool = True
+    apply_b_dec_to_input: bool = _option("sae", True)
     "Subtract b_dec (b_pre) before encoding, as in Gao et al.; False only for SAELens SAEs saved that way."
-    inference_k: int | None = None
+    inference_k: int | None = _option("sae", None)
     "TopK/g-SAE: latents kept per token at inference (Makhzani & Frey's alpha*k); None means k."
-    threshold_beta: float = 0.999
+    threshold_beta: float = _option("sae", 0.999)
     "MC/FC: EMA factor of the inference threshold(s), theta <- beta*theta + (1-beta)*min selected."
-    threshold_start_step: int = 1000
+    threshold_start_step: int = _option("sae", 1000)
     "MC/FC: first step that updates the threshold; clipped to 10% of the run's steps (our choice)."
-    fc_capacity: str = "uniform"
+    fc_capacity: str = _option("sae", "uniform")
     "Feature-Choice capacities: uniform (m = k*B/F) or zipf (m_i ~ (rank_i + r0)^-s); uniform is our choice."
-    fc_zipf_s: float = 1.0
+    fc_zipf_s: float = _option("sae", 1.0)
     "FC zipf capacities: exponent s (our default; fit it to a trained TopK/MC density curve)."
-    fc_zipf_r0: float = 0.0
+    fc_zipf_r0: float = _option("sae", 0.0)
     "FC zipf capacities: rank offset r0 added to the 1-based density rank (our default)."
-    density_ema_beta: float = 0.99
+    density_ema_beta: float = _option("sae", 0.99)
     "EMA factor of per-latent firing rates, used for FC zipf ranks and aux_zipf (our choice)."
-    grad_beta: float = 1.0
+    grad_beta: float = _option("sae", 1.0)
     "g-SAE: weight beta of the gradient term in s = z + beta * z * |h| (our default)."
-    grad_rms_normalize: bool = True
+    grad_rms_normalize: bool = _option("sae", True)
     "g-SAE: divide h = W_dec g by its per-token RMS so beta is scale-free (our choice)."
 
     def __post_init__(self) -> None:
@@ -94,71 +116,71 @@ class SAEConfig:
 class TrainConfig:
     """How one training run goes: optimiser, schedule, aux loss, dead tracking, checkpoints."""
 
-    batch_size: int = 4096
+    batch_size: int = _option("train", 4096, explicit=True)
     "Tokens per step B."
-    total_tokens: int | None = None
+    total_tokens: int | None = _option("train", None, explicit=True)
     "Tokens to train on; None means one pass over the data."
-    lr: float | None = None
+    lr: float | None = _option("train", None, explicit=True)
     "Adam learning rate; None means 2e-4 / sqrt(F / 2^14) (dictionary_learning's scaling)."
-    adam_beta1: float = 0.9
+    adam_beta1: float = _option("train", 0.9)
     "Adam beta1 (OpenAI config)."
-    adam_beta2: float = 0.999
+    adam_beta2: float = _option("train", 0.999)
     "Adam beta2 (OpenAI config)."
-    adam_eps: float = 6.25e-10
+    adam_eps: float = _option("train", 6.25e-10)
     "Adam epsilon (OpenAI config)."
-    warmup_steps: int = 1000
+    warmup_steps: int = _option("train", 1000)
     "Linear LR warmup steps; clipped to warmup_max_fraction of the run."
-    warmup_max_fraction: float = 0.1
+    warmup_max_fraction: float = _option("train", 0.1)
     "Upper bound on warmup as a fraction of total steps (our choice)."
-    decay_fraction: float = 0.2
+    decay_fraction: float = _option("train", 0.2)
     "Linear decay of the LR to 0 over this final fraction of steps (our choice)."
-    grad_clip: float = 1.0
+    grad_clip: float = _option("train", 1.0)
     "Clip the global gradient norm to this value (dictionary_learning); 0 disables."
-    seed: int = 0
+    seed: int = _option("train", 0, explicit=True)
     "Seed for the initial weights and the data order."
-    shuffle: bool = True
+    shuffle: bool = _option("train", True)
     "Shuffle tensors and caches each pass (seeded); plain iterables keep their own order."
-    shuffle_buffer_rows: int | None = None
+    shuffle_buffer_rows: int | None = _option("train", None)
     "Rows mixed at once when shuffling a cache (None: the reader's 262,144); reading memory is rows x d x 4 bytes."
-    aux_loss: str | None = None
+    aux_loss: str | None = _option("train", None)
     "auxk, aux_zipf or none; None means the architecture's default (AuxK, or none for FC)."
-    aux_coef: float = 1 / 32
+    aux_coef: float = _option("train", 1 / 32)
     "Coefficient alpha of the auxiliary loss (Gao et al.)."
-    k_aux: int | None = None
+    k_aux: int | None = _option("train", None)
     "Latents used by the aux loss; None means d_in // 2 (Gao App. B.1); clamped to the candidates."
-    aux_zipf_head_fraction: float = 0.8
+    aux_zipf_head_fraction: float = _option("train", 0.8)
     "aux_zipf: fit the Zipf law on density ranks <= this fraction of F (our choice)."
-    aux_zipf_r0: float = 0.0
+    aux_zipf_r0: float = _option("train", 0.0)
     "aux_zipf: rank offset r0 in log p = c - s*log(r + r0), 1-based ranks (our choice)."
-    aux_zipf_under_use: float = 0.5
+    aux_zipf_under_use: float = _option("train", 0.5)
     "aux_zipf: a live latent is a candidate only if its density is <= this fraction of the fitted curve (our choice)."
-    dead_tokens: int | None = None
+    dead_tokens: int | None = _option("train", None)
     "A latent is dead after this many tokens without firing; None means min(10M, 20% of the run)."
-    fire_threshold: float = 0.0
+    fire_threshold: float = _option("train", 0.0)
     "A latent fires on a token when z > this (OpenAI uses 1e-3)."
-    norm_estimation_batches: int = 1000
+    norm_estimation_batches: int = _option("train", 1000)
     "Batches used to estimate the scalar normalisation c (capped at the run's steps)."
-    geometric_median_rows: int = 32768
+    geometric_median_rows: int = _option("train", 32768)
     "Rows used for the geometric-median initialisation of b_pre."
-    encoder_init_scale: bool = True
+    encoder_init_scale: bool = _option("train", True)
     "Scale the initial encoder so the first batch's reconstruction has the least-squares best size (our choice)."
-    checkpoint_dir: str | None = None
+    checkpoint_dir: str | None = _option("run_only", None)
     "Directory for checkpoints; None disables checkpointing."
-    checkpoint_every: int | None = None
+    checkpoint_every: int | None = _option("run_only", None)
     "Write a checkpoint every N steps (and always at the end) when checkpoint_dir is set."
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = _option("run_only", 2)
     "How many of the newest checkpoints to keep."
-    resume: bool = True
+    resume: bool = _option("run_only", True)
     "Resume from the newest checkpoint in checkpoint_dir when one exists."
-    log_every: int = 100
+    log_every: int = _option("run_only", 100)
     "Call log_fn every N steps (and at the last step)."
-    progress: bool = True
+    progress: bool = _option("run_only", True)
     "Show a tqdm progress bar (loss, L0, FVU, dead fraction, tokens/s)."
-    sparse_kernels: bool = True
+    sparse_kernels: bool = _option("run_only", True)
     "Decode and backpropagate through the selected latents only (fast); False runs the dense reference."
-    calibration_rows: int = 131_072
+    calibration_rows: int = _option("train", 131_072)
     "MC/FC: training rows used to calibrate the inference thresholds at the end (0 keeps the EMA thresholds)."
-    prefetch_batches: int | None = None
+    prefetch_batches: int | None = _option("run_only", None)
     "Batches read ahead by a background thread; None: 2 when a core is free beyond torch's threads, else 0."
 
     def __post_init__(self) -> None:
@@ -198,11 +220,30 @@ class TrainConfig:
             _require_positive_int(name, getattr(self, name))
 
 
-RUN_ONLY_KEYS = frozenset(
-    {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "progress", "sparse_kernels",
-     "prefetch_batches"}
-)
-"""TrainConfig keys that do not change the trained weights, so resuming may change them."""
+CONFIG_CLASSES = (SAEConfig, TrainConfig)
+
+
+def option_roles() -> dict[str, str]:
+    """Field name -> role for every SAEConfig and TrainConfig field, in declaration order."""
+    return {f.name: f.metadata[ROLE] for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
+
+
+def fields_with_role(*roles: str, explicit: bool | None = None) -> frozenset[str]:
+    """Names of the SAEConfig/TrainConfig fields with one of `roles` (all roles when none are given).
+
+    explicit=False keeps only what build_trainer takes as **options, True only its named arguments
+    (and d_in), None both. E.g. fields_with_role("run_only") is what a resume may change.
+    """
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise ValueError(f"unknown field role(s) {', '.join(unknown)}; roles: {', '.join(ROLES)}.")
+    wanted = set(roles or ROLES)
+    return frozenset(
+        f.name
+        for cls in CONFIG_CLASSES
+        for f in dataclasses.fields(cls)
+        if f.metadata[ROLE] in wanted and (explicit is None or f.metadata[EXPLICIT] == explicit)
+    )
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

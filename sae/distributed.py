@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sae.errors import SAEConfigError
 from sae.sparse_code import top_entries
 
 
@@ -84,6 +85,15 @@ def default_collectives() -> Collectives:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return ProcessGroupCollectives()
     return SINGLE_PROCESS
+
+
+def check_divisible(batch_size: int, world_size: int) -> None:
+    """Data parallelism splits each global batch evenly over the ranks."""
+    if batch_size % world_size:
+        raise SAEConfigError(
+            f"batch_size={batch_size} must be a multiple of the number of ranks ({world_size}): each rank "
+            f"trains on batch_size / ranks rows of every batch."
+        )
 
 
 def centred_sum_of_squares(x: Tensor, coll: Collectives) -> Tensor:

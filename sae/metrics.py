@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sae.base import SAE
-from sae.batches import Batch, split_item
+from sae.batch_items import Batch, split_item
 from sae.errors import SAEConfigError, SAEDataError
 
 DENSITY_HIST_EDGES = tuple(float(e) for e in torch.linspace(-8, 0, 33))

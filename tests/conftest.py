@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from activations.cache import FORMAT_VERSION, MANIFEST
+from activations.format import FORMAT_VERSION, MANIFEST
 from activations.storage import atomic_write_bytes, atomic_write_json
 
 # No test ever reaches the Hugging Face hub; fail fast instead of retrying a network that is not there.

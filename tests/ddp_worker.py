@@ -9,11 +9,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sae.batches import make_stream
 from sae.config import SAEConfig, TrainConfig
 from sae.distributed import Collectives, ProcessGroupCollectives, global_kth_largest
 from sae.registry import get_architecture
-from sae.trainer import Trainer
+from sae.training.streams import make_stream
+from sae.training.trainer import Trainer
 
 ARCHS = ("topk", "mutual_choice", "feature_choice")
 B, D, F, K, STEPS = 64, 12, 48, 3, 6

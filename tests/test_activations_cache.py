@@ -14,7 +14,8 @@ import torch
 from conftest import BOS_ID
 
 import activations.cache as cache_mod
-from activations.cache import CacheConfig, CacheError, build_cache, next_token_ce_sum
+from activations.cache import CacheConfig, build_cache, next_token_ce_sum
+from activations.format import CacheError
 from activations.reader import load_cache
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import BOS_ID, write_cache
 
-from activations.cache import CacheConfig, CacheError, build_cache
+from activations.cache import CacheConfig, build_cache
+from activations.format import CacheError
 from activations.reader import load_cache
 from activations.shuffle import mixing_buffer
 

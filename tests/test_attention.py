@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sae
-from experiments.analysis import AnalysisStore, analyze
+from experiments.analysis.pipeline import analyze
+from experiments.analysis.store import AnalysisStore
 from experiments.attention import HeadViewError, check_hook_z, head_attribution, head_dfa, one_head_features
 from tests.conftest import write_cache
 from tests.test_analysis import N_FEATURES, SHARD_ROWS

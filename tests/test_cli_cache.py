@@ -11,6 +11,7 @@ from conftest import BOS_ID
 
 from activations.models import ModelLoadError, load_model
 from activations.reader import load_cache
+from experiments.cli import cache as cache_command
 from experiments.cli import main
 
 HOOK = "blocks.1.hook_resid_post"
@@ -128,12 +129,10 @@ def test_out_is_required(capsys):
 
 
 def test_interrupt_exits_130(tmp_path, capsys, monkeypatch):
-    import activations
-
     def interrupted(cfg, progress=True):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(activations, "build_cache", interrupted)
+    monkeypatch.setattr(cache_command, "build_cache", interrupted)
     code, out, err = run_cli(capsys, "cache", "--out", str(tmp_path / "c"))
     assert code == 130
     assert err == "saewb: interrupted; rerun the same command to resume from the last complete step\n"

@@ -11,7 +11,8 @@ import torch
 from dashboard import figures
 from dashboard.data import store_path
 from dashboard.launch import dashboard_command
-from experiments.analysis import STORE_SCHEMA_VERSION, AnalysisStore, StoreError, analyze
+from experiments.analysis.pipeline import analyze
+from experiments.analysis.store import STORE_SCHEMA_VERSION, AnalysisStore, StoreError
 from tests.test_analysis import make_cache, make_sae
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -43,7 +44,7 @@ def page(name: str):
     def script(module: str) -> None:
         import importlib
 
-        importlib.import_module(f"dashboard.{module}").render()
+        importlib.import_module(f"dashboard.views.{module}").render()
 
     return AppTest.from_function(script, args=(name,), default_timeout=30)
 
@@ -55,6 +56,21 @@ def test_app_opens_on_overview(app_env):
     assert not at.exception
     assert at.title[0].value == "Overview"
     assert not at.error
+
+
+def test_every_page_renders_through_the_apps_navigation(tmp_path, monkeypatch):
+    """st.navigation runs each page from its file under dashboard/views/, as the served app does."""
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.navigation import PAGE_TABLE
+
+    monkeypatch.setenv("SAEWB_STORE", str(tmp_path / "none"))
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    for url, (file, title) in PAGE_TABLE.items():
+        at.switch_page(f"views/{file}").run()
+        assert not at.exception, url
+        assert at.title[0].value == title, url
+        assert "saewb analyze --sae" in at.error[0].value, url
 
 
 def test_overview_lists_saes_and_plots(app_env):
@@ -153,7 +169,7 @@ def test_dead_features_page(app_env):
 
 def test_missing_store_is_a_message(tmp_path, monkeypatch):
     monkeypatch.setenv("SAEWB_STORE", str(tmp_path / "none"))
-    for name in ("overview", "features", "dead_features", "prompt_inspector", "steering"):
+    for name in ("overview", "features", "dead_features", "inspector", "steering"):
         at = page(name).run()
         assert not at.exception
         assert "saewb analyze --sae" in at.error[0].value
@@ -204,7 +220,7 @@ def hf_model(tiny_hf_folder):
 
 def test_features_on_text_matches_a_direct_encode(live_store, hf_model):
     import sae
-    from dashboard.prompt_inspector import InputError, features_on_text
+    from dashboard.lm import InputError, features_on_text
 
     model_sae = sae.load(AnalysisStore(live_store).sae("live")["path"])
     tokens, z = features_on_text(hf_model, model_sae, "blocks.0.hook_resid_post", "stone river")
@@ -217,7 +233,7 @@ def test_features_on_text_matches_a_direct_encode(live_store, hf_model):
 
 
 def test_prompt_inspector_page(live_env):
-    at = page("prompt_inspector").run()
+    at = page("inspector").run()
     assert not at.exception
     assert at.title[0].value == "Prompt inspector"
     first = at.dataframe[0].value
@@ -269,7 +285,7 @@ def test_steering_api(live_store, hf_model):
 
 
 def test_coefficient_validation():
-    from dashboard.steering import SteeringError, parse_coefficients, parse_features
+    from dashboard.views.steering import SteeringError, parse_coefficients, parse_features
 
     assert parse_coefficients("2", 2, "raw", [1.0, 1.0]) == [2.0, 2.0]
     assert parse_coefficients("2, -1", 2, "× max activation", [3.0, 4.0]) == [6.0, -4.0]
@@ -347,7 +363,7 @@ def test_prompt_inspector_clicks_through_to_the_feature_browser(live_env):
 
 def test_feature_browser_picks_from_text(live_env, hf_model):
     import sae
-    from dashboard.prompt_inspector import features_on_text
+    from dashboard.lm import features_on_text
 
     at = page("features").run()
     at.sidebar.selectbox(key="sae").set_value("live").run()
@@ -400,7 +416,7 @@ DAMAGE = [("garbage", "is not a readable analysis store"), ("empty", "is empty o
 def test_a_damaged_store_is_one_message_on_every_page(tmp_path, monkeypatch, kind, message):
     """Bug fixed: a corrupt or empty store.sqlite showed an uncaught DatabaseError / 'no such table' in every page."""
     monkeypatch.setenv("SAEWB_STORE", str(_damaged_store(tmp_path / "store", kind)))
-    for name in ("overview", "features", "dead_features", "prompt_inspector", "steering"):
+    for name in ("overview", "features", "dead_features", "inspector", "steering"):
         at = page(name).run()
         assert not at.exception, name
         assert message in at.error[0].value and "saewb analyze" in at.error[0].value, name

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae.api import build_trainer
 from sae.distributed import SINGLE_PROCESS, Collectives
 from sae.errors import SAEConfigError
-from sae.trainer import build_trainer
 from tests.conftest import write_cache
 from tests.ddp_worker import ARCHS, D, F, K, _data, _train
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,9 @@ import sae as sae_lib
 from activations import CacheConfig, build_cache, load_cache, load_model
 from activations.hooks import resolve_hooks
 from experiments.cli import main
+from experiments.cli.demo import serve_dashboard
 from experiments.compare import markdown_table, plan_runs
+from experiments.demo import DemoConfig
 from experiments.evaluation import model_in_the_loop
 from experiments.training import RunConfig, load_run_config, run_config_from_dict, train_run
 
@@ -372,34 +376,26 @@ def test_synthetic_recovery_measures():
 
 @pytest.mark.parametrize(("env", "flag"), [({"CI": "true"}, True), ({"SAEWB_NO_DASHBOARD": "1"}, True), ({}, False)])
 def test_demo_never_blocks_on_the_dashboard_in_scripted_runs(monkeypatch, tmp_path, env, flag):
-    import subprocess
-
-    from experiments import demo
-
     for key in ("CI", "SAEWB_NO_DASHBOARD"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(demo.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: calls.append(a) or 0)
     said = []
-    demo.serve_dashboard(demo.DemoConfig(dashboard=flag, port=8599), tmp_path / "store", said.append)
+    serve_dashboard(DemoConfig(dashboard=flag, port=8599), tmp_path / "store", said.append)
     assert calls == []
     assert said == [f"done. Browse the features with: saewb dashboard --store {tmp_path / 'store'} --port 8599"]
 
 
 def test_demo_serves_the_dashboard_when_interactive(monkeypatch, tmp_path):
-    import subprocess
-
-    from experiments import demo
-
     for key in ("CI", "SAEWB_NO_DASHBOARD"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(demo.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, **k: calls.append(cmd) or 0)
-    demo.serve_dashboard(demo.DemoConfig(port=8599), tmp_path / "store", lambda msg: None)
+    serve_dashboard(DemoConfig(port=8599), tmp_path / "store", lambda msg: None)
     assert len(calls) == 1
     cmd = calls[0]
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8599"

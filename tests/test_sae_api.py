@@ -1,5 +1,6 @@
 """sae.train / sae.load / sae.evaluate: accepted inputs and one clear error per bad input."""
 
+import inspect
 import sys
 import types
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 
 import sae
-from sae.batches import rechunk
 from sae.errors import SAEConfigError, SAEDataError
 from sae.synthetic import planted_dictionary_data
+from sae.training.streams import ActivationSource, rechunk
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster and repeatably on one thread
 
@@ -223,3 +224,15 @@ def test_a_batch_larger_than_the_cache_names_both_sizes(acts):
     """Bug fixed: --batch-size 50000 on a smaller cache said total_tokens=0, which the user never set."""
     with pytest.raises(SAEConfigError, match=r"batch_size=4096 is larger than the 2048 rows of the activation cache"):
         sae.train(FakeCache(acts), arch="topk", n_features=32, k=2, batch_size=4096, **FAST)
+
+
+def test_caches_are_activation_sources_and_plain_data_is_not(tmp_path, acts):
+    """The trainer recognises a cache by the ActivationSource protocol (d_in, n_tokens, has_grads, iter_batches)."""
+    import activations.reader as reader
+    from tests.conftest import write_cache
+
+    cache = reader.load_cache(write_cache(tmp_path / "cache", acts, shard_rows=512))
+    assert isinstance(cache, ActivationSource) and isinstance(FakeCache(acts), ActivationSource)
+    assert not isinstance(acts, ActivationSource) and not isinstance([acts], ActivationSource)
+    assert sae.train.__doc__ and "build_trainer" in sae.train.__doc__
+    assert list(inspect.signature(sae.train).parameters) == list(inspect.signature(sae.build_trainer).parameters)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import sae
 from sae.errors import SAEConfigError
-from sae.saelens_format import (
+from sae.io import (
     SAELENS_ARCH_CFG_FIELDS,
     SAELENS_CFG_FIELDS,
     SAELENS_NORMALIZE_ACTIVATIONS,

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import sae
-from sae.batches import make_stream
-from sae.checkpoint import Checkpointer
 from sae.config import SAEConfig, TrainConfig
 from sae.errors import SAEConfigError, SAEDataError, SAETrainingError
-from sae.initialization import geometric_median
 from sae.registry import TRAINABLE, get_architecture
 from sae.synthetic import mean_max_cosine, planted_dictionary_data
-from sae.trainer import Trainer, lr_at, project_decoder_grads
+from sae.training.checkpoint import Checkpointer
+from sae.training.initialization import geometric_median
+from sae.training.schedule import lr_at
+from sae.training.streams import make_stream
+from sae.training.trainer import Trainer, project_decoder_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster and repeatably on one thread
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss
-from sae.batches import TensorStream
 from sae.config import SAEConfig, TrainConfig
 from sae.registry import TRAINABLE, get_architecture
 from sae.sparse_code import SparseCode, Support, decode_sparse, gather_pre_acts, top_entries, topk_support
-from sae.trainer import Trainer
+from sae.training.streams import TensorStream
+from sae.training.trainer import Trainer
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -181,7 +181,7 @@ def test_training_steps_sparse_equal_dense_reference(seed, arch, aux_loss):
 
 
 def test_tracker_counts_only_firing_support_entries():
-    from sae.feature_tracking import FeatureTracker
+    from sae.training.tracking import FeatureTracker
 
     tracker = FeatureTracker(n_features=4, dead_tokens=3, fire_threshold=0.5, ema_beta=0.0)
     support = Support.from_mask(torch.tensor([[True, True, False, False], [True, False, True, False]]))
@@ -210,7 +210,7 @@ def test_top_entries_equals_a_full_top_n(seed, shape, n, kind):
 def test_prefetch_keeps_order_reraises_and_leaves_no_thread():
     import threading
 
-    from sae.batches import batch_reader, prefetch
+    from sae.training.prefetch import batch_reader, prefetch
 
     with prefetch(iter(range(50)), depth=3) as items:
         assert list(items) == list(range(50))

@@ -13,8 +13,12 @@ import yaml
 from conftest import write_cache
 
 import sae
-from experiments import multi_train, sweep, training
-from experiments.sweep import add_sweep_parser, load_sweep, local_runs, run_names, run_sweep, sample_value
+from experiments import multi_train, training
+from experiments.cli.sweep import add_sweep_parser, cmd_sweep
+from experiments.sweeps.expand import local_runs, run_names, sample_value
+from experiments.sweeps.runner import run_sweep
+from experiments.sweeps.spec import known_metrics, load_sweep
+from experiments.wandb_logging import scalar_metrics
 from sae.synthetic import planted_dictionary_data
 
 
@@ -370,8 +374,8 @@ def test_local_sweep_ranks_by_the_metric_and_resumes(caches, tmp_path, capsys, c
     ]
     assert table[2].split()[:2] == ["1", "k=8"] and table[3].split()[:2] == ["2", "k=2"]
     # Every metric name a sweep may rank by is one a real run reports.
-    real = set(sweep.scalar_metrics(eval_json)) | {"batch_mode/l0", "batch_mode/fvu"}
-    assert set(sweep.known_metrics()) <= real
+    real = set(scalar_metrics(eval_json)) | {"batch_mode/l0", "batch_mode/fvu"}
+    assert set(known_metrics()) <= real
 
     again = run_sweep(path, out_root=out, wandb=False)
     assert len(count_training["train_run"]) == 2  # nothing retrained
@@ -535,7 +539,7 @@ def test_sweep_subcommand_flags_and_help(capsys):
         True,
         5,
     )
-    assert args.func is sweep.cmd_sweep
+    assert args.func is cmd_sweep
     defaults = parser.parse_args(["sweep", "f.yaml"])
     assert (defaults.count, defaults.out, defaults.no_wandb, defaults.local, defaults.sample_seed) == (
         None,

@@ -7,23 +7,17 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.data import get_store, model_and_sae, pick_sae
+from dashboard.lm import neutral
 from experiments.steering import (
     MODES,
     POSITIONS,
     InputError,
     SteeringError,
-    neutral_contexts,
     parse_coefficients,
     parse_features,
     score_sweep,
     steer_generate,
 )
-
-
-@st.cache_resource(show_spinner=False, max_entries=2)
-def _neutral(_model, model_key: str):
-    """The fixed neutral contexts a sweep is scored on (8 x 64 tokens of the default corpus), once per model."""
-    return neutral_contexts(_model)
 
 
 def render() -> None:
@@ -89,7 +83,7 @@ def render() -> None:
         with st.spinner("scoring the sweep on neutral text ..."):
             try:
                 points = score_sweep(model, sae_model, hook, features[:1], sweep, prompt,
-                                     _neutral(model, str(store.sae(name).get("model"))), int(max_new))
+                                     neutral(model, str(store.sae(name).get("model"))), int(max_new))
             except InputError as exc:
                 st.error(str(exc))
                 return
@@ -102,3 +96,7 @@ def render() -> None:
     if rows:
         st.markdown(f"**Sweep over feature {features[0]}** ({mode}, same seed, other features as above)")
         st.dataframe(rows, hide_index=True, width="stretch")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as a script (dashboard/navigation.py)
+    render()

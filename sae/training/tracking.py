@@ -1,16 +1,25 @@
-"""Per-latent firing statistics kept during training: dead-latent counters and EMA densities.
+"""What a run keeps track of besides the weights: per-latent firing statistics, and progress/logging.
 
 A latent is dead once it has not fired (z > fire_threshold) for `dead_tokens` tokens
 (OpenAI's `tokens_since_fired`, docs/ALGORITHMS.md §0); the EMA density feeds aux_zipf (§4).
+`TrainLogger` shows the progress bar and hands metrics to the caller's `LogFn`.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from sae.config import TrainConfig
 from sae.distributed import SINGLE_PROCESS, Collectives
 from sae.sparse_code import SparseCode
+
+LogFn = Callable[[int, dict[str, float]], None]
+"""log_fn(step, metrics): called every cfg.log_every completed steps and at the last one."""
 
 
 class FeatureTracker:
@@ -50,3 +59,31 @@ class FeatureTracker:
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         self.tokens_since_fired = tensors["tokens_since_fired"].clone()
         self.density_ema = tensors["density_ema"].clone()
+
+
+class TrainLogger:
+    """Progress bar (loss, L0, FVU, dead fraction, tokens/s) and the optional log_fn callback."""
+
+    def __init__(self, total_steps: int, start_step: int, batch_size: int, cfg: TrainConfig, log_fn: LogFn | None):
+        self.total_steps, self.batch_size, self.every, self.log_fn = total_steps, batch_size, cfg.log_every, log_fn
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", desc="sae")
+        self.started, self.start_step = time.perf_counter(), start_step
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """`step` counts completed steps (1-based)."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics["tokens_per_s"] = (step - self.start_step) * self.batch_size / elapsed
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            L0=f"{metrics['l0']:.1f}",
+            FVU=f"{metrics['fvu']:.4f}",
+            dead=f"{metrics['dead_frac']:.3f}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            refresh=False,
+        )
+        if self.log_fn is not None and (step % self.every == 0 or step == self.total_steps):
+            self.log_fn(step, dict(metrics))
+
+    def close(self) -> None:
+        self.bar.close()

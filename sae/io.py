@@ -14,6 +14,9 @@ normalisation c is folded into the biases: SAELens gets b_enc/c, b_dec/c, thresh
 computes our reconstruction exactly (up to float rounding) with unit-norm W_dec rows and latents
 in original-space units (ours / c). Our own keys live under cfg.json["workbench"], and the
 unfolded small tensors in workbench_state.safetensors, so `load` restores the SAE bit-for-bit.
+
+This module only writes and reads files, from and to state dicts, configs and metadata; it knows no
+SAE class (so sae/base.py can save through it). Building the SAE a folder describes is sae/loading.py.
 """
 
 from __future__ import annotations
@@ -29,10 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sae.base import SAE
 from sae.config import FORMAT_VERSION, SAEConfig
 from sae.errors import SAEConfigError
-from sae.registry import get_architecture
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -78,12 +79,20 @@ _EXPORT_NORMALIZATION = {"scalar": "none", "per_token_standardize": "layer_norm"
 _VERSION_KEYS = ("sae_lens_version", "sae_lens_training_version")
 
 
-def save_sae(sae: SAE, path: str | Path) -> Path:
-    """Write `sae` into directory `path` (created if needed); returns the directory."""
+def write_folder(
+    path: str | Path,
+    *,
+    cfg: SAEConfig,
+    saelens_architecture: str,
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    training_info: dict[str, Any],
+) -> Path:
+    """Write an SAE's state dict and config into directory `path` (created if needed); returns the directory."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous() for name, t in sae.state_dict().items()}
-    scalar = sae.cfg.normalization == "scalar"
+    state = {name: t.detach().contiguous() for name, t in state.items()}
+    scalar = cfg.normalization == "scalar"
     c = state["norm_scale"]
     weights = {
         "W_enc": state["W_enc"],
@@ -91,15 +100,16 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
         "b_enc": state["b_enc"] / c if scalar else state["b_enc"],
         "b_dec": state["b_dec"] / c if scalar else state["b_dec"],
     }
-    if sae.saelens_architecture == "jumprelu":
-        threshold = state["threshold"].expand(sae.cfg.n_features)
+    if saelens_architecture == "jumprelu":
+        threshold = state["threshold"].expand(cfg.n_features)
         weights["threshold"] = (threshold / c if scalar else threshold).contiguous()
     extras = {name: t for name, t in state.items() if name not in ("W_enc", "W_dec")}
+    contents = saelens_cfg(cfg, saelens_architecture, state["W_enc"].dtype, float(c), metadata, training_info)
     # Each file is written under a temp name and renamed, so rewriting a folder in place (saewb calibrate)
     # never leaves a half-written file; cfg.json goes last.
     _replace(path / WEIGHTS_FILENAME, lambda tmp: save_file(weights, str(tmp)))
     _replace(path / WORKBENCH_TENSORS_FILENAME, lambda tmp: save_file(extras, str(tmp)))
-    _replace(path / CFG_FILENAME, lambda tmp: tmp.write_text(json.dumps(saelens_cfg(sae), indent=2)))
+    _replace(path / CFG_FILENAME, lambda tmp: tmp.write_text(json.dumps(contents, indent=2)))
     return path
 
 
@@ -113,60 +123,43 @@ def _replace(target: Path, write) -> None:
         raise
 
 
-def saelens_cfg(sae: SAE) -> dict[str, Any]:
+def saelens_cfg(
+    cfg: SAEConfig,
+    saelens_architecture: str,
+    dtype: torch.dtype,
+    norm_scale: float,
+    metadata: dict[str, Any],
+    training_info: dict[str, Any],
+) -> dict[str, Any]:
     """cfg.json contents: SAELens 6.x keys plus our own under "workbench"."""
-    cfg = sae.cfg
-    hook_name = str(sae.metadata.get("hook_name") or "")
+    hook_name = str(metadata.get("hook_name") or "")
     out: dict[str, Any] = {
-        "architecture": sae.saelens_architecture,
+        "architecture": saelens_architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.n_features,
-        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
         "normalize_activations": _EXPORT_NORMALIZATION[cfg.normalization],
         "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
-        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None, **sae.metadata},
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None, **metadata},
     }
-    if sae.saelens_architecture == "topk":
+    if saelens_architecture == "topk":
         out["k"] = cfg.inference_k or cfg.k
         out["rescale_acts_by_decoder_norm"] = False
     out["workbench"] = {
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(cfg),
-        "norm_scale": float(sae.norm_scale),
-        "training": sae.training_info,
+        "norm_scale": norm_scale,
+        "training": training_info,
         "note": "SAELens tensors have b_enc, b_dec and threshold divided by norm_scale (scalar normalisation); "
         "workbench_state.safetensors holds them unfolded.",
     }
     return out
 
 
-def load_sae(path: str | Path) -> SAE:
-    """Load a folder written by `save_sae` exactly, or a SAELens topk/jumprelu folder.
-
-    Nothing the folder claims is trusted before it is checked: cfg.json must be a JSON object, and the
-    tensor shapes in the safetensors headers must match the sizes the config names before any tensor is
-    read or the module is allocated; weights must be finite. Every problem is one SAEConfigError that
-    names the folder.
-    """
-    path = Path(path)
-    try:
-        return _load_checked(path)
-    except SAEConfigError as exc:
-        message = str(exc)
-        raise SAEConfigError(message if str(path) in message else f"{path}: {message}") from None
-
-
-def _load_checked(path: Path) -> SAE:
-    cfg = _read_cfg(path)
-    shapes = _header_shapes(path / WEIGHTS_FILENAME)
-    if "workbench" in cfg:
-        return _load_workbench(path, cfg, shapes)
-    return load_saelens(cfg, shapes, path / WEIGHTS_FILENAME)
-
-
-def _read_cfg(path: Path) -> dict[str, Any]:
+def read_cfg(path: Path) -> dict[str, Any]:
+    """cfg.json of folder `path`, which must be a JSON object."""
     cfg_path = path / CFG_FILENAME
     if not cfg_path.is_file():
         raise SAEConfigError(f"{path} is not an SAE folder: {CFG_FILENAME} is missing.")
@@ -179,7 +172,7 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+def header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors header, without reading the tensors."""
     if not file.is_file():
         raise SAEConfigError(f"{file.name} is missing from {file.parent}.")
@@ -196,7 +189,7 @@ FINITE_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "norm_scale")
 """Weights that must be finite; thresholds may be ±inf (a latent never seen fires never, or always)."""
 
 
-def _finite(file: Path) -> dict[str, torch.Tensor]:
+def read_finite(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file whose header was already checked; non-finite weights are refused."""
     tensors = load_file(str(file))
     for name, t in tensors.items():
@@ -212,7 +205,8 @@ def _size(cfg: dict[str, Any], key: str) -> int:
     return value
 
 
-def _load_workbench(path: Path, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> SAE:
+def workbench_config(path: Path, cfg: dict[str, Any]) -> SAEConfig:
+    """The SAEConfig in cfg.json's workbench block, checked against the version and the top-level sizes."""
     ours = cfg["workbench"]
     if not isinstance(ours, dict) or not isinstance(ours.get("config"), dict):
         raise SAEConfigError(f"{CFG_FILENAME}'s workbench block must be an object with a config object.")
@@ -230,12 +224,21 @@ def _load_workbench(path: Path, cfg: dict[str, Any], shapes: dict[str, tuple[int
             raise SAEConfigError(
                 f"{CFG_FILENAME} says {key}={cfg[key]!r} at the top level but {ours_value} in its workbench block."
             )
-    cls = get_architecture(sae_cfg.arch)
-    with torch.device("meta"):  # the shapes this config implies, allocating nothing
-        expected = {name: tuple(t.shape) for name, t in cls(sae_cfg).state_dict().items()}
-    extras_file = path / WORKBENCH_TENSORS_FILENAME
-    found = {**_header_shapes(extras_file), **{k: v for k, v in shapes.items() if k in ("W_enc", "W_dec")}}
-    optional = set(cls.optional_state)
+    return sae_cfg
+
+
+def check_workbench_shapes(
+    path: Path,
+    weight_shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    optional: tuple[str, ...],
+    sae_cfg: SAEConfig,
+) -> None:
+    """The folder's tensor shapes (from the headers) are the `expected` ones; `optional` ones may be absent."""
+    found = {
+        **header_shapes(path / WORKBENCH_TENSORS_FILENAME),
+        **{k: v for k, v in weight_shapes.items() if k in ("W_enc", "W_dec")},
+    }
     for name, shape in expected.items():
         if name not in found and name not in optional:
             raise SAEConfigError(f"tensor {name} is missing from the weights of this {sae_cfg.arch} SAE.")
@@ -244,22 +247,26 @@ def _load_workbench(path: Path, cfg: dict[str, Any], shapes: dict[str, tuple[int
                 f"tensor {name} has shape {found[name]}, but the config (d_in={sae_cfg.d_in}, "
                 f"n_features={sae_cfg.n_features}) needs {shape}."
             )
-    sae = cls(sae_cfg)
-    state = _finite(extras_file)
-    weights = _finite(path / WEIGHTS_FILENAME)
+
+
+def read_workbench_state(path: Path) -> dict[str, torch.Tensor]:
+    """The unfolded state dict of a workbench folder (small tensors, then W_enc and W_dec), all checked finite."""
+    state = read_finite(path / WORKBENCH_TENSORS_FILENAME)
+    weights = read_finite(path / WEIGHTS_FILENAME)
     state.update(W_enc=weights["W_enc"], W_dec=weights["W_dec"])
-    initial = sae.state_dict()
-    for name in sae.optional_state:  # saved before this buffer existed
-        state.setdefault(name, initial[name])
-    sae.load_state_dict({name: state[name] for name in expected})
-    sae.metadata = {k: v for k, v in cfg.get("metadata", {}).items() if k not in _VERSION_KEYS}
-    sae.training_info = ours.get("training", {})
-    return sae
+    return state
 
 
-def load_saelens(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], weights_file: Path) -> SAE:
-    """Build an SAE from a SAELens cfg dict (no workbench keys) and its weights file, whose header shapes
-    are checked against the config before the tensors are read."""
+def folder_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json's metadata without the SAELens version keys (they are rewritten on save)."""
+    return {k: v for k, v in cfg.get("metadata", {}).items() if k not in _VERSION_KEYS}
+
+
+def read_saelens(
+    cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], weights_file: Path
+) -> tuple[SAEConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(our SAEConfig, state dict, metadata) from a SAELens cfg dict (no workbench keys) and its weights file,
+    whose header shapes are checked against the config before the tensors are read."""
     arch = cfg.get("architecture", "standard")
     if arch not in SAELENS_WEIGHT_SHAPES:
         raise SAEConfigError(
@@ -267,7 +274,7 @@ def load_saelens(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], weight
         )
     d_in, d_sae = _size(cfg, "d_in"), _size(cfg, "d_sae")
     _check_saelens_weights(arch, shapes, {"d_in": d_in, "d_sae": d_sae})
-    weights = {name: t.float() for name, t in _finite(weights_file).items()}
+    weights = {name: t.float() for name, t in read_finite(weights_file).items()}
     normalize = cfg.get("normalize_activations") or "none"
     if normalize is True:  # pre-6 configs stored a bool
         normalize = "expected_average_only_in"
@@ -298,14 +305,12 @@ def load_saelens(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], weight
         normalization=ours[normalize],
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
     )
-    sae = get_architecture(arch)(sae_cfg)
-    sae.load_state_dict({**weights, "norm_scale": torch.tensor(1.0)})
     metadata = dict(cfg.get("metadata") or {})
     for key in ("model_name", "hook_name", "hook_point", "hook_head_index", "context_size", "prepend_bos"):
         if key in cfg and key not in metadata:  # pre-6 configs kept these at the top level
             metadata["hook_name" if key == "hook_point" else key] = cfg[key]
-    sae.metadata = {k: v for k, v in metadata.items() if k not in _VERSION_KEYS}
-    return sae
+    metadata = {k: v for k, v in metadata.items() if k not in _VERSION_KEYS}
+    return sae_cfg, {**weights, "norm_scale": torch.tensor(1.0)}, metadata
 
 
 def _check_saelens_weights(arch: str, shapes: dict[str, tuple[int, ...]], dims: dict[str, int]) -> None:

@@ -9,31 +9,35 @@ reads only its own share of the shards (`iter_batches(rank=, world_size=)`).
 
 from __future__ import annotations
 
-import os
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sized
 from itertools import chain, count, islice
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from sae.batch_items import Batch, split_item
 from sae.errors import SAEConfigError, SAEDataError
 
-Batch = tuple[Tensor, Tensor | None]
 
+@runtime_checkable
+class ActivationSource(Protocol):
+    """What a cache-like source offers the trainer (activations.reader.ActivationCache is one).
 
-def split_item(item: Any) -> Batch:
-    """A yielded item -> (acts, grads | None): a tensor, or an (acts, grads) pair."""
-    if isinstance(item, Tensor):
-        return item, None
-    if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, Tensor) for t in item):
-        return item[0], item[1]
-    raise SAEDataError(
-        f"each batch must be a tensor [B, d] or an (acts, grads) pair of tensors, got {type(item).__name__}."
-    )
+    iter_batches(batch_size, shuffle=, seed=, **options) is one pass over every row as tensors
+    [b, d] or (acts, grads) pairs, in any chunk sizes; the options the streams pass are buffer_rows
+    (shuffle buffer) and, under data parallelism, rank= and world_size= (that rank's share only).
+    """
+
+    d_in: int
+    "Width of the activation rows iter_batches yields."
+    n_tokens: int
+    "Rows in one pass."
+    has_grads: bool
+    "True when iter_batches yields (acts, grads) pairs."
+
+    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, **options: Any) -> Iterable[Any]:
+        ...
 
 
 def rechunk(items: Iterable[Any], batch_size: int) -> Iterator[Batch]:
@@ -203,108 +207,6 @@ class RankSliceStream(BatchStream):
         return [self._slice(batch) for batch in self.stream.peek(n)]
 
 
-_DONE = object()
-
-
-class prefetch:
-    """The same items, produced up to `depth` ahead by a background thread; its exceptions re-raise here.
-
-    Cache reads (memmap copies, dtype conversion) release the GIL, so they overlap the training maths.
-    Use as a context manager (or call close()): it stops and joins the thread, so no reader is left
-    running torch ops while the interpreter shuts down.
-    """
-
-    def __init__(self, items: Iterator[Any], depth: int) -> None:
-        self._slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(items,), name="saewb-prefetch", daemon=True)
-        self._thread.start()
-
-    def _produce(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(_DONE)
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            self._put(error)
-
-    def _put(self, item: Any) -> bool:
-        """Block until there is room or close() was called; False when closed."""
-        while not self._stop.is_set():
-            try:
-                self._slots.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        item = self._slots.get()
-        if item is _DONE:
-            self._slots.put(_DONE)  # stay exhausted
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def __enter__(self) -> prefetch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def default_prefetch_depth() -> int:
-    """2 when the machine has a core beyond torch's intra-op threads, else 0.
-
-    Measured (benchmarks/memory_io.py): on a 2-core machine whose cores both run the step's GEMM, a
-    reader thread only competes with them (9,025 vs 9,383 tokens/s); with a spare core it overlaps.
-    """
-    return 2 if (os.cpu_count() or 1) > torch.get_num_threads() else 0
-
-
-@contextmanager
-def batch_reader(
-    stream: BatchStream, start: int, stop: int, depth: int | None
-) -> Iterator[Iterator[tuple[int, Batch]]]:
-    """(step, batch) for steps start .. stop-1 of `stream`, read `depth` ahead in a thread when depth > 0.
-
-    depth None picks `default_prefetch_depth()`. A stream that ends early is an SAEDataError naming the
-    step. Nothing past the last batch is read, and on exit the thread is joined and the stream's
-    generator closed (its files released) before the caller goes on.
-    """
-    if depth is None:
-        depth = default_prefetch_depth()
-    source = stream.batches(start)
-    try:
-        items: Iterator[Batch] = islice(source, stop - start)
-        if depth > 0:
-            with prefetch(items, depth) as ahead:
-                yield _numbered(ahead, start, stop)
-        else:
-            yield _numbered(items, start, stop)
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
-
-
-def _numbered(batches: Iterator[Batch], start: int, stop: int) -> Iterator[tuple[int, Batch]]:
-    for step in range(start, stop):
-        batch = next(batches, None)
-        if batch is None:
-            raise SAEDataError(f"the activations ran out at step {step} of {stop}.")
-        yield step, batch
-
-
 def make_stream(
     activations: Any,
     grads: Tensor | None,
@@ -334,31 +236,13 @@ def _make_global_stream(
         return TensorStream(activations, grads, batch_size, shuffle, seed)
     if grads is not None:
         raise SAEConfigError("grads= goes with an activations tensor; iterables yield (acts, grads) pairs instead.")
-    if hasattr(activations, "iter_batches") and hasattr(activations, "d_in"):
-        cache = activations
-        local = batch_size // world_size
-        sharded = world_size > 1
-        options: dict[str, Any] = {} if buffer_rows is None else {"buffer_rows": buffer_rows}
-        if sharded:  # this rank reads only its own share of the cache
-            options.update(rank=rank, world_size=world_size)
-
-        def read_pass(epoch: int) -> Iterable[Any]:
-            return cache.iter_batches(local, shuffle=shuffle, seed=epoch_seed(seed, epoch), **options)
-
-        if int(cache.n_tokens) < batch_size:  # the tensor stream says the same for tensors
-            raise SAEConfigError(
-                f"batch_size={batch_size} is larger than the {int(cache.n_tokens)} rows of the activation cache; "
-                "lower --batch-size or cache more tokens."
-            )
-        tokens = (int(cache.n_tokens) // batch_size) * batch_size
-        stream = PassStream(read_pass, local, tokens, shape=(int(cache.d_in), bool(cache.has_grads)))
-        stream.rank_local = sharded
-        return stream
+    if isinstance(activations, ActivationSource):
+        return source_stream(activations, batch_size, shuffle, seed, rank, world_size, buffer_rows)
     if isinstance(activations, Iterator):
         return OneShotStream(activations, batch_size)
     if isinstance(activations, Iterable):
         tokens = None
-        if hasattr(activations, "__len__"):
+        if isinstance(activations, Sized):
             rows = sum(split_item(item)[0].shape[0] for item in activations)
             tokens = (rows // batch_size) * batch_size
         return PassStream(lambda epoch: activations, batch_size, tokens)
@@ -366,3 +250,29 @@ def _make_global_stream(
         f"activations must be a tensor [N, d], an iterable of batches, or a cache directory path; "
         f"got {type(activations).__name__}."
     )
+
+
+def source_stream(
+    source: ActivationSource, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+    buffer_rows: int | None = None,
+) -> PassStream:
+    """Pass after pass of `source.iter_batches`, reseeded each pass; under W > 1 ranks, this rank's share only."""
+    local = batch_size // world_size
+    sharded = world_size > 1
+    options: dict[str, Any] = {} if buffer_rows is None else {"buffer_rows": buffer_rows}
+    if sharded:  # this rank reads only its own share of the cache
+        options.update(rank=rank, world_size=world_size)
+
+    def read_pass(epoch: int) -> Iterable[Any]:
+        return source.iter_batches(local, shuffle=shuffle, seed=epoch_seed(seed, epoch), **options)
+
+    n_tokens = int(source.n_tokens)
+    if n_tokens < batch_size:  # the tensor stream says the same for tensors
+        raise SAEConfigError(
+            f"batch_size={batch_size} is larger than the {n_tokens} rows of the activation cache; "
+            "lower --batch-size or cache more tokens."
+        )
+    tokens = (n_tokens // batch_size) * batch_size
+    stream = PassStream(read_pass, local, tokens, shape=(int(source.d_in), bool(source.has_grads)))
+    stream.rank_local = sharded
+    return stream

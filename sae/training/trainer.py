@@ -2,7 +2,9 @@
 
 One step: normalise -> select (the architecture's rule) -> decode -> loss = NMSE + alpha * aux ->
 project decoder gradients -> clip -> Adam -> renormalise decoder rows -> update latent counters
-and thresholds. Dead-latent tracking, checkpointing and logging are collaborators.
+and thresholds. Initialisation (initialization.py), dead-latent tracking and logging (tracking.py),
+the LR schedule (schedule.py), batch reading (prefetch.py) and checkpoints (checkpoint.py) are collaborators
+in sae/training/; `sae.train` / `sae.build_trainer` (sae/api.py) put a Trainer together.
 
 By default the step runs on sparse kernels (sae/sparse_code.py): after the one dense encoder GEMM,
 decoding and every backward touch only the selected latents. `sparse_kernels=False` runs the
@@ -13,48 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from collections.abc import Callable, Iterable
-from itertools import islice
-from os import PathLike
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss, zipf_weights
 from sae.base import GRADS_HINT, SAE
-from sae.batches import BatchStream, batch_reader, make_stream
+from sae.batch_items import check_finite
 from sae.calibration import calibrate
-from sae.checkpoint import Checkpointer, read_checkpoint, restore_optimizer
-from sae.config import FORMAT_VERSION, RUN_ONLY_KEYS, SAEConfig, TrainConfig, config_diff
-from sae.distributed import SINGLE_PROCESS, Collectives, centred_sum_of_squares, default_collectives
+from sae.config import FORMAT_VERSION, TrainConfig
+from sae.distributed import SINGLE_PROCESS, Collectives, centred_sum_of_squares, check_divisible, default_collectives
 from sae.errors import SAEConfigError, SAEDataError, SAETrainingError
-from sae.feature_tracking import FeatureTracker
-from sae.initialization import geometric_median
-from sae.normalization import estimate_scale
-from sae.registry import get_architecture
 from sae.sparse_code import SparseCode, decode_sparse
-
-LogFn = Callable[[int, dict[str, float]], None]
-
-
-def default_lr(n_features: int) -> float:
-    """2e-4 / sqrt(F / 2^14), the dictionary_learning scaling of the learning rate with width."""
-    return 2e-4 / math.sqrt(n_features / 2**14)
-
-
-def lr_at(step: int, total_steps: int, base_lr: float, cfg: TrainConfig) -> float:
-    """Linear warmup (<= warmup_max_fraction of the run), flat, then linear decay to 0 (our choice)."""
-    warmup = min(cfg.warmup_steps, int(cfg.warmup_max_fraction * total_steps))
-    decay_start = total_steps - int(cfg.decay_fraction * total_steps)
-    factor = 1.0
-    if step < warmup:
-        factor = (step + 1) / warmup
-    if step >= decay_start:
-        factor = min(factor, (total_steps - step) / (total_steps - decay_start))
-    return base_lr * factor
+from sae.training.checkpoint import Checkpointer, config_changes, read_checkpoint, restore_optimizer
+from sae.training.initialization import initialize_from_data
+from sae.training.prefetch import batch_reader
+from sae.training.schedule import default_lr, lr_at
+from sae.training.streams import BatchStream
+from sae.training.tracking import FeatureTracker, LogFn, TrainLogger
 
 
 @torch.no_grad()
@@ -77,34 +56,6 @@ def nmse(x: Tensor, x_hat: Tensor, coll: Collectives = SINGLE_PROCESS) -> Tensor
     ranks' losses sum to the global-batch NMSE.
     """
     return (x - x_hat).pow(2).sum() / centred_sum_of_squares(x, coll)
-
-
-class TrainLogger:
-    """Progress bar (loss, L0, FVU, dead fraction, tokens/s) and the optional log_fn callback."""
-
-    def __init__(self, total_steps: int, start_step: int, batch_size: int, cfg: TrainConfig, log_fn: LogFn | None):
-        self.total_steps, self.batch_size, self.every, self.log_fn = total_steps, batch_size, cfg.log_every, log_fn
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", desc="sae")
-        self.started, self.start_step = time.perf_counter(), start_step
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """`step` counts completed steps (1-based)."""
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        metrics["tokens_per_s"] = (step - self.start_step) * self.batch_size / elapsed
-        self.bar.update(1)
-        self.bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            L0=f"{metrics['l0']:.1f}",
-            FVU=f"{metrics['fvu']:.4f}",
-            dead=f"{metrics['dead_frac']:.3f}",
-            tok_s=f"{metrics['tokens_per_s']:.0f}",
-            refresh=False,
-        )
-        if self.log_fn is not None and (step % self.every == 0 or step == self.total_steps):
-            self.log_fn(step, dict(metrics))
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class Trainer:
@@ -238,7 +189,7 @@ class Trainer:
     def train_step(self, step: int, x: Tensor, grads: Tensor | None) -> dict[str, float]:
         """One optimiser step on batch x (and LM gradients); raises before updating on NaN/inf."""
         sae = self.sae
-        _check_finite(x, grads, f"step {step} (batch {step} of the stream)")
+        check_finite(x, grads, f"step {step} (batch {step} of the stream)")
         x_n, g_n, _ = sae.normalize(x, grads)
         rec, aux, code, stats = self.losses(x_n, g_n)
         loss = rec + self.cfg.aux_coef * aux
@@ -291,61 +242,9 @@ class Trainer:
             return weights.to(self.sae.W_dec.dtype)
         return None
 
-    @torch.no_grad()
     def initialize(self) -> None:
         """Estimate the scalar normalisation c, then set b_pre to the geometric median (§0)."""
-        sae, cfg = self.sae, self.cfg
-        gm_batches = math.ceil(cfg.geometric_median_rows / cfg.batch_size)
-        norm_batches = min(cfg.norm_estimation_batches, self.total_steps) if sae.cfg.normalization == "scalar" else 0
-        if not self.stream.reiterable:  # one-shot data is replayed from memory: read only what b_pre needs
-            norm_batches = min(norm_batches, gm_batches)
-        n_read = min(max(norm_batches, gm_batches), self.total_steps)
-        if self.stream.reiterable:
-            first: Iterable[tuple[Tensor, Tensor | None]] = islice(self.stream.batches(0), n_read)
-        else:
-            first = self.stream.peek(n_read)
-        quota = max(1, cfg.geometric_median_rows // self.coll.world_size)  # b_pre sample rows from this rank
-        norm_sum, norm_rows, sample, held = 0.0, 0, [], 0
-        first_batch: tuple[Tensor, Tensor | None] | None = None
-        for j, (x, g) in enumerate(first):
-            if first_batch is None:
-                first_batch = (x, g)
-            _check_finite(x, None, f"batch {j} (read to initialise the normalisation and b_pre)")
-            if j < norm_batches:
-                norm_sum += float(x.double().norm(dim=1).sum())
-                norm_rows += x.shape[0]
-            if held < quota:
-                sample.append(x[: quota - held])
-                held += sample[-1].shape[0]
-        if norm_batches:
-            totals = self.coll.sum_(torch.tensor([norm_sum, float(norm_rows)], dtype=torch.float64))
-            sae.norm_scale.fill_(estimate_scale(float(totals[0]), int(totals[1]), sae.cfg.d_in))
-        x_n, _, _ = sae.normalize(self.coll.cat(torch.cat(sample)))
-        sae.b_dec.copy_(geometric_median(x_n))
-        if cfg.encoder_init_scale:
-            self.scale_encoder(first_batch)
-        for tensor in [*sae.parameters(), *sae.buffers()]:  # every rank starts from rank 0's exact state
-            self.coll.broadcast_(tensor.data)
-
-    @torch.no_grad()
-    def scale_encoder(self, batch: tuple[Tensor, Tensor | None] | None) -> None:
-        """W_enc <- c * W_enc with c = <x - b_pre, x_hat0 - b_pre> / ||x_hat0 - b_pre||^2 on one training batch.
-
-        At initialisation (b_enc = 0) every selection rule is invariant to a global encoder scale, so c is
-        the least-squares best scalar for the first reconstruction. Without it, a batch-level rule
-        (Mutual-Choice) gives a few high-norm tokens hundreds of tied-init latents each and starts at
-        FVU >> 1. A data-driven variant of OpenAI's optional encoder rescaling (docs/ALGORITHMS.md §0); our choice.
-        """
-        if batch is None:
-            return
-        sae = self.sae
-        x_n, g_n, _ = sae.normalize(*batch)
-        target = x_n - sae.b_dec
-        code = sae.encode_train_sparse(x_n, g_n).code
-        recon = decode_sparse(code, sae.W_dec)
-        sums = self.coll.sum_(torch.stack([(target * recon).sum(), recon.pow(2).sum()]).double())
-        if float(sums[1]) > 0 and float(sums[0]) > 0:
-            sae.W_enc.mul_(float(sums[0] / sums[1]))
+        initialize_from_data(self.sae, self.stream, self.cfg, self.total_steps, self.coll)
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint if there is one; the configs must match."""
@@ -363,9 +262,7 @@ class Trainer:
                 f"activations have width {self.sae.cfg.d_in} but the checkpoint's SAE ({latest}) has "
                 f"d_in={loaded.cfg.d_in}."
             )
-        diffs = config_diff(state["sae_config"], dataclasses.asdict(self.sae.cfg)) + config_diff(
-            _semantic(state["train_config"]), _semantic(dataclasses.asdict(self.cfg))
-        )
+        diffs = config_changes(state, self.sae.cfg, self.cfg)
         if diffs:
             raise SAEConfigError(
                 f"cannot resume from {latest}: the configuration differs in {len(diffs)} key(s): "
@@ -403,140 +300,3 @@ class Trainer:
             },
         }
 
-
-def check_divisible(batch_size: int, world_size: int) -> None:
-    """Data parallelism splits each global batch evenly over the ranks."""
-    if batch_size % world_size:
-        raise SAEConfigError(
-            f"batch_size={batch_size} must be a multiple of the number of ranks ({world_size}): each rank "
-            f"trains on batch_size / ranks rows of every batch."
-        )
-
-
-def _semantic(train_config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in train_config.items() if k not in RUN_ONLY_KEYS}
-
-
-def _cache_metadata(cache: Any) -> dict[str, Any]:
-    """SAELens metadata a cache can tell: its model and its first hook (the one iter_batches reads)."""
-    found: dict[str, Any] = {}
-    if isinstance(getattr(cache, "model", None), str):
-        found["model_name"] = cache.model
-    hooks = getattr(cache, "hooks", None)
-    if isinstance(hooks, list) and hooks:
-        found["hook_name"] = hooks[0]
-    return found
-
-
-def _check_finite(x: Tensor, grads: Tensor | None, where: str) -> None:
-    for name, t in (("activations", x), ("gradients", grads)):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            bad = ~torch.isfinite(t)
-            row = int(bad.any(dim=1).nonzero()[0, 0])
-            raise SAEDataError(
-                f"{name} contain NaN/inf at {where}, first in row {row} ({int(bad.sum())} bad values); "
-                "nothing was updated with them."
-            )
-
-
-def build_trainer(
-    activations: Any,
-    *,
-    arch: str,
-    n_features: int,
-    k: int,
-    grads: Tensor | None = None,
-    batch_size: int = 4096,
-    total_tokens: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    log_fn: LogFn | None = None,
-    metadata: dict[str, Any] | None = None,
-    collectives: Collectives | None = None,
-    **options: Any,
-) -> Trainer:
-    """The Trainer that `train` runs: configs validated, data wrapped as a stream, SAE initialised from `seed`.
-
-    activations: tensor [N, d] (with optional grads [N, d]), an iterable of batches (tensors or
-    (acts, grads) pairs), a cache directory path (read with `activations.load_cache`), or a BatchStream
-    (several trainers can share one stream, reading each batch once).
-    options: any SAEConfig or TrainConfig field (see sae.config), e.g. normalization="none",
-    checkpoint_dir=..., progress=False. metadata: SAELens metadata (model_name, hook_name, ...).
-    collectives: data-parallel ranks (sae/distributed.py); default: the initialised torch.distributed
-    process group when there is one (torchrun), else a single process. batch_size is the global batch.
-    """
-    cls = get_architecture(arch, trainable=True)
-    sae_keys = {f.name for f in dataclasses.fields(SAEConfig)} - {"arch", "d_in", "n_features", "k"}
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"batch_size", "total_tokens", "lr", "seed"}
-    unknown = sorted(set(options) - sae_keys - train_keys)
-    if unknown:
-        allowed = ", ".join(sorted(sae_keys | train_keys))
-        raise SAEConfigError(f"unknown option(s) {', '.join(unknown)}; allowed: {allowed}.")
-    train_cfg = TrainConfig(
-        batch_size=batch_size,
-        total_tokens=total_tokens,
-        lr=lr,
-        seed=seed,
-        **{key: v for key, v in options.items() if key in train_keys},
-    )
-    sae_options = {key: v for key, v in options.items() if key in sae_keys}
-    cls.validate_config(SAEConfig(arch=arch, d_in=1, n_features=n_features, k=k, **sae_options))  # before any data
-    metadata = dict(metadata or {})
-    if isinstance(activations, (str, PathLike)):
-        import activations as activations_package  # the caching package; imported only for cache paths
-
-        activations = activations_package.load_cache(activations)
-    if hasattr(activations, "iter_batches"):
-        metadata = {**_cache_metadata(activations), **metadata}
-    coll = collectives or default_collectives()
-    check_divisible(batch_size, coll.world_size)
-    if isinstance(activations, BatchStream):
-        stream = activations  # under data parallelism: already this rank's share
-    else:
-        stream = make_stream(
-            activations, grads, batch_size, train_cfg.shuffle, seed, coll.rank, coll.world_size,
-            train_cfg.shuffle_buffer_rows,
-        )
-    sae_cfg = SAEConfig(arch=arch, d_in=stream.d_in, n_features=n_features, k=k, **sae_options)
-    sae = cls(sae_cfg, seed=seed)
-    sae.metadata = metadata
-    return Trainer(sae, stream, train_cfg, log_fn, coll)
-
-
-def train(
-    activations: Any,
-    *,
-    arch: str,
-    n_features: int,
-    k: int,
-    grads: Tensor | None = None,
-    batch_size: int = 4096,
-    total_tokens: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    log_fn: LogFn | None = None,
-    metadata: dict[str, Any] | None = None,
-    collectives: Collectives | None = None,
-    **options: Any,
-) -> SAE:
-    """Train an SAE of architecture `arch` on activations and return it.
-
-    activations: tensor [N, d] (with optional grads [N, d]), an iterable of batches (tensors or
-    (acts, grads) pairs), or a cache directory path. total_tokens defaults to one pass. options: any
-    SAEConfig or TrainConfig field (see sae.config), e.g. normalization="none", checkpoint_dir=...
-    """
-    return build_trainer(
-        activations,
-        arch=arch,
-        n_features=n_features,
-        k=k,
-        grads=grads,
-        batch_size=batch_size,
-        total_tokens=total_tokens,
-        lr=lr,
-        seed=seed,
-        log_fn=log_fn,
-        metadata=metadata,
-        collectives=collectives,
-        **options,
-    ).run()

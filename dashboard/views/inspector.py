@@ -5,16 +5,10 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
+from dashboard.cards import feature_card
 from dashboard.data import get_store, model_and_sae, pick_sae
-from experiments.steering import InputError, hook_activations, prompt_tokens
-
-
-@torch.no_grad()
-def features_on_text(model, sae_model, hook: str, text: str) -> tuple[list[str], torch.Tensor]:
-    """Token strings and latents [T, F] of `text` (BOS dropped: it is not in the cache either)."""
-    tokens = prompt_tokens(model, text)
-    z = sae_model.encode(hook_activations(model, hook, tokens, sae_model.cfg.d_in))[1:]
-    return [model.tokenizer.decode([t]) for t in tokens[0, 1:].tolist()], z
+from dashboard.lm import InputError, features_on_text
+from dashboard.navigation import pages
 
 
 def render() -> None:
@@ -47,12 +41,12 @@ def render() -> None:
     ranked = sorted(active, key=lambda f: -float(z[:, f].max()))
     choice = st.selectbox("Features active on this text (strongest first)", ranked, key="inspect_pick",
                           format_func=lambda f: f"{f} (max {float(z[:, f].max()):.2f})")
-    from dashboard.features import feature_card
-
     feature_card(store, name, int(choice))
     if st.button("Open in the feature browser", key="inspect_open"):
         st.session_state["feature_id"] = int(choice)
         st.session_state["pick_how"] = "by id"
-        from dashboard.navigation import pages
-
         st.switch_page(pages()["features"])
+
+
+if __name__ == "__main__":  # st.navigation runs this file as a script (dashboard/navigation.py)
+    render()

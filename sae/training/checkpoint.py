@@ -1,7 +1,7 @@
 """Atomic training checkpoints (no pickles), so a run can stop anywhere and resume exactly.
 
 Layout of <checkpoint_dir>/step_<9-digit step>/:
-  cfg.json, sae_weights.safetensors, workbench_state.safetensors  - the SAE (sae/saelens_format.py)
+  cfg.json, sae_weights.safetensors, workbench_state.safetensors  - the SAE (sae/io.py)
   trainer_state.safetensors  - Adam moments/steps ("adam.<param>.<field>") and latent counters
                                ("tracker.<name>")
   trainer_state.json         - step, tokens seen, configs, format_version
@@ -11,6 +11,7 @@ leaves a half-written step_* folder, and older checkpoints are deleted only afte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,9 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.base import SAE
+from sae.config import SAEConfig, TrainConfig, config_diff, fields_with_role
 from sae.errors import SAEConfigError
-from sae.feature_tracking import FeatureTracker
-from sae.saelens_format import load_sae, save_sae
+from sae.loading import load_sae
+from sae.training.tracking import FeatureTracker
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -59,7 +61,7 @@ class Checkpointer:
             raise SAEConfigError(f"checkpoint {final} already exists; refusing to overwrite it.")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:09d}-", dir=self.directory))
         try:
-            save_sae(sae, tmp)
+            sae.save(tmp)
             tensors = {f"adam.{k}": v for k, v in optimizer_tensors(sae, optimizer).items()}
             tensors.update({f"tracker.{k}": v.contiguous() for k, v in tracker.state_tensors().items()})
             save_file(tensors, str(tmp / STATE_TENSORS))
@@ -99,6 +101,22 @@ def read_checkpoint(path: Path) -> tuple[SAE, dict[str, torch.Tensor], dict[str,
         return load_sae(path), tensors, state
     except SAEConfigError as exc:
         raise SAEConfigError(f"{exc} ({fix})") from None
+
+
+def config_changes(state: dict[str, Any], sae_cfg: SAEConfig, train_cfg: TrainConfig) -> list[str]:
+    """'key: saved -> current' per setting that differs from a checkpoint's trainer_state.json.
+
+    The run_only TrainConfig fields (sae.config.fields_with_role("run_only")) do not change the trained
+    weights, so a resume may change them.
+    """
+    free = fields_with_role("run_only")
+
+    def semantic(train_config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in train_config.items() if k not in free}
+
+    return config_diff(state["sae_config"], dataclasses.asdict(sae_cfg)) + config_diff(
+        semantic(state["train_config"]), semantic(dataclasses.asdict(train_cfg))
+    )
 
 
 def optimizer_tensors(sae: SAE, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

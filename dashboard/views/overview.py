@@ -46,3 +46,7 @@ def render() -> None:
         right.plotly_chart(figures.tradeoff(saes, "ce_loss_recovered", "CE recovered"), width="stretch")
     else:
         right.info("No SAE has CE recovered: evaluate with `saewb eval --model ...` before analysing.")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as a script (dashboard/navigation.py)
+    render()

@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.data import get_store
-from experiments.analysis import DENSE_THRESHOLD
+from experiments.analysis.stats import DENSE_THRESHOLD
 
 
 def render() -> None:
@@ -35,3 +35,7 @@ def render() -> None:
         st.dataframe({"feature": dead}, width="stretch", hide_index=True, height=240)
     else:
         st.success(f"{name} has no dead features on the analysed rows.")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as a script (dashboard/navigation.py)
+    render()

@@ -1,0 +1,69 @@
+"""`sae.load`: the SAE a folder describes, built with its registered class (files are read by sae/io.py).
+
+Nothing the folder claims is trusted before it is checked: cfg.json must be a JSON object, and the
+tensor shapes in the safetensors headers must match the sizes the config names before any tensor is
+read or the module is allocated; weights must be finite.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae.base import SAE
+from sae.errors import SAEConfigError
+from sae.io import (
+    WEIGHTS_FILENAME,
+    check_workbench_shapes,
+    folder_metadata,
+    header_shapes,
+    read_cfg,
+    read_saelens,
+    read_workbench_state,
+    workbench_config,
+)
+from sae.registry import get_architecture
+
+
+def load_sae(path: str | Path) -> SAE:
+    """Load a folder written by `SAE.save` exactly, or a SAELens topk/jumprelu folder.
+
+    Every problem is one SAEConfigError that names the folder.
+    """
+    path = Path(path)
+    try:
+        return _load_checked(path)
+    except SAEConfigError as exc:
+        message = str(exc)
+        raise SAEConfigError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _load_checked(path: Path) -> SAE:
+    cfg = read_cfg(path)
+    shapes = header_shapes(path / WEIGHTS_FILENAME)
+    if "workbench" in cfg:
+        return _load_workbench(path, cfg, shapes)
+    sae_cfg, state, metadata = read_saelens(cfg, shapes, path / WEIGHTS_FILENAME)
+    sae = get_architecture(sae_cfg.arch)(sae_cfg)
+    sae.load_state_dict(state)
+    sae.metadata = metadata
+    return sae
+
+
+def _load_workbench(path: Path, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> SAE:
+    sae_cfg = workbench_config(path, cfg)
+    cls = get_architecture(sae_cfg.arch)
+    with torch.device("meta"):  # the shapes this config implies, allocating nothing
+        expected = {name: tuple(t.shape) for name, t in cls(sae_cfg).state_dict().items()}
+    check_workbench_shapes(path, shapes, expected, cls.optional_state, sae_cfg)
+    sae = cls(sae_cfg)
+    state = read_workbench_state(path)
+    initial = sae.state_dict()
+    for name in sae.optional_state:  # saved before this buffer existed
+        state.setdefault(name, initial[name])
+    sae.load_state_dict({name: state[name] for name in expected})
+    sae.metadata = folder_metadata(cfg)
+    sae.training_info = cfg["workbench"].get("training", {})
+    return sae

@@ -1,0 +1,150 @@
+"""The sae package's import structure, read with ast (nothing is imported): acyclic, and independent of the apps.
+
+Every import statement counts, at module level or inside a function. The graph has one node per module
+of sae/ and an edge for each sae-internal import; `from sae.x import y` points at sae.x.y when that is a
+module, else at sae.x.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SAE_DIR = Path(__file__).resolve().parents[1] / "sae"
+APPS = ("experiments", "dashboard", "activations")
+
+LOCAL_IMPORTS_ALLOWED = {("sae.api", "activations")}
+"""(module, imported) pairs allowed inside a function. sae.api imports the caching package only when
+build_trainer is given a cache path: sae does not depend on activations otherwise, and tests substitute
+sys.modules["activations"] at call time."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SAE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(SAE_DIR.rglob("*.py"))}
+
+
+def is_package(module: str) -> bool:
+    return MODULES[module].name == "__init__.py"
+
+
+def imports_of(module: str) -> list[tuple[str, bool]]:
+    """(imported module, inside a function or class) for every import statement of `module`."""
+    tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+    nested: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            nested.update(id(inner) for inner in ast.walk(node) if inner is not node)
+    package = module if is_package(module) else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in nested) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: up level - 1 packages from this module's package
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.append((candidate if candidate in MODULES else base, id(node) in nested))
+    return found
+
+
+def internal_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for module in MODULES:
+        for imported, _ in imports_of(module):
+            if imported == "sae" or imported.startswith("sae."):
+                target = imported
+                while target not in MODULES:  # `import sae.x.y` of a name inside a module
+                    target = target.rpartition(".")[0]
+                if target != module:
+                    graph[module].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle as [a, b, ..., a], or None: depth-first search with white/grey/black marks."""
+    GREY, BLACK = 1, 2
+    mark: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        mark[node] = GREY
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if mark.get(nxt) == GREY:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in mark and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        mark[node] = BLACK
+        return None
+
+    for start in sorted(graph):
+        if start not in mark and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_walk_sees_the_whole_package():
+    assert {"sae", "sae.base", "sae.io", "sae.api", "sae.training", "sae.training.trainer"} <= set(MODULES)
+    graph = internal_graph()
+    assert "sae.io" in graph["sae.base"] and "sae.registry" in graph["sae.loading"]
+    assert "sae.training.trainer" in graph["sae.api"]
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_sae_imports_are_acyclic():
+    cycle = find_cycle(internal_graph())
+    assert cycle is None, "import cycle in sae: " + " -> ".join(cycle or [])
+
+
+def test_saving_does_not_reach_back_to_the_sae_class():
+    """SAE.save delegates to sae.io, which must not (even indirectly) import sae.base or the registry."""
+    assert not {"sae.base", "sae.registry", "sae.loading"} & reachable(internal_graph(), "sae.io")
+
+
+@pytest.mark.parametrize("package", sorted(m for m in MODULES if is_package(m) and m != "sae"))
+def test_subpackage_init_files_import_nothing_from_sae(package):
+    """Importing sae.training.x runs sae/training/__init__.py first: an sae import there could close a cycle."""
+    assert not [name for name, _ in imports_of(package) if name == "sae" or name.startswith("sae.")]
+
+
+def test_no_module_imports_the_sae_package_itself():
+    offenders = [m for m in MODULES if m != "sae" and any(name == "sae" for name, _ in imports_of(m))]
+    assert not offenders, f"{offenders} import the sae package (its __init__ imports every module)"
+
+
+def test_sae_does_not_import_the_applications():
+    found = {
+        (module, name)
+        for module in MODULES
+        for name, _ in imports_of(module)
+        if name.split(".")[0] in APPS
+    }
+    assert found <= LOCAL_IMPORTS_ALLOWED, f"sae imports {sorted(found - LOCAL_IMPORTS_ALLOWED)}"
+
+
+def test_imports_sit_at_the_top_of_each_module():
+    local = {(module, name) for module in MODULES for name, inside in imports_of(module) if inside}
+    assert local <= LOCAL_IMPORTS_ALLOWED, f"function-level imports: {sorted(local - LOCAL_IMPORTS_ALLOWED)}"
