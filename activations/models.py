@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,6 @@ def convert_gguf(spec: EmbeddedModel, progress: bool = True) -> Path:
 def _quiet():
     """transformer_lens prints banners and warns about fp32 defaults; keep the CLI output readable."""
     stack = contextlib.ExitStack()
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     stack.enter_context(warnings.catch_warnings())

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+import torch.distributed as dist
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -21,15 +24,10 @@ class process_group:
     def __enter__(self) -> None:
         self.started = launched_by_torchrun()
         if self.started:
-            import torch
-            import torch.distributed as dist
-
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.started:
-            import torch.distributed as dist
-
             if exc_type is None:  # wait for rank 0's saving and evaluation: gloo aborts a rank that leaves early
                 dist.barrier()
             dist.destroy_process_group()

@@ -24,29 +24,25 @@ from experiments.training import (
     open_run_data,
     prepare_run,
 )
-from sae.config import TrainConfig
+from sae.config import TrainConfig, shared_stream_fields
 from sae.training.prefetch import batch_reader
 from sae.training.streams import BatchStream, make_stream
 from sae.training.tracking import LogFn, TrainLogger
 from sae.training.trainer import Trainer
 
-SHARED_KEYS = ("activations", "hook", "batch_size", "total_tokens", "seed", "shuffle", "shuffle_buffer_rows")
-"""What decides the batches a run reads; runs trained together must agree on all of it."""
+SHARED_KEYS = shared_stream_fields(RunConfig) + shared_stream_fields(TrainConfig)
+"""What decides the batches a run reads (the fields marked shared in the configs' field table); runs trained
+together must agree on all of it."""
 
 
 def data_side(cfg: RunConfig, hooks: Sequence[str] | None = None) -> dict[str, Any]:
-    """The SHARED_KEYS values of a run (activations as an absolute path, the hook resolved when `hooks` given)."""
-    hook = cfg.hook if cfg.hook is not None or not hooks else hooks[0]
-    shuffle = cfg.options.get("shuffle", TrainConfig.shuffle)
-    return {
-        "activations": str(Path(cfg.activations).expanduser().resolve()),
-        "hook": hook,
-        "batch_size": cfg.batch_size,
-        "total_tokens": cfg.total_tokens,
-        "seed": cfg.seed,
-        "shuffle": shuffle,
-        "shuffle_buffer_rows": cfg.options.get("shuffle_buffer_rows", TrainConfig.shuffle_buffer_rows),
-    }
+    """The SHARED_KEYS values of a run (activations as an absolute path, the hook resolved when `hooks` given):
+    RunConfig's own fields, else its options, else TrainConfig's defaults."""
+    side = {key: getattr(cfg, key) if hasattr(cfg, key) else cfg.options.get(key, getattr(TrainConfig, key))
+            for key in SHARED_KEYS}
+    side["activations"] = str(Path(cfg.activations).expanduser().resolve())
+    side["hook"] = cfg.hook if cfg.hook is not None or not hooks else hooks[0]
+    return side
 
 
 def check_shared_stream(configs: Sequence[RunConfig], hooks: Sequence[str] | None = None) -> None:

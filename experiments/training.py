@@ -26,30 +26,15 @@ import activations
 import sae as sae_lib
 from activations.storage import atomic_write_json
 from experiments.evaluation import cache_metrics
-from sae.config import SAEConfig, TrainConfig, require_nonnegative_int
+from sae.config import SHARED_STREAM, TrainConfig, fields_with_role, require_nonnegative_int
 from sae.distributed import default_collectives
-
-# Options of SAEConfig/TrainConfig that RunConfig sets itself or that make no sense from a run config.
-RESERVED = {
-    "arch",
-    "d_in",
-    "n_features",
-    "k",
-    "batch_size",
-    "total_tokens",
-    "lr",
-    "seed",
-    "checkpoint_dir",
-    "checkpoint_every",
-    "progress",
-}
 
 
 @dataclass
 class RunConfig:
     """A training run. The string under each field is its ``saewb train --help`` text."""
 
-    activations: str = ""
+    activations: str = field(default="", metadata={SHARED_STREAM: True})
     "Activation cache folder written by `saewb cache`."
     arch: str = "topk"
     "Architecture: topk, mutual_choice, feature_choice or gradient_topk (g-SAE; needs a --with-grads cache)."
@@ -59,7 +44,7 @@ class RunConfig:
     "Active latents per token (TopK, g-SAE), mean per token (Mutual-Choice), k*B/F per feature (Feature-Choice)."
     out: str = ""
     "Run folder: the SAE, run_config.json, train_log.jsonl, eval.json and checkpoints/."
-    hook: str | None = None
+    hook: str | None = field(default=None, metadata={SHARED_STREAM: True})
     "Which hook of a multi-hook cache to train on (default: its first)."
     total_tokens: int | None = None
     "Training tokens (default: one pass over the cache)."
@@ -90,7 +75,7 @@ class RunConfig:
         bad = sorted(set(self.options) & RESERVED)
         if bad:
             raise sae_lib.SAEConfigError(f"options {bad} are set by their own fields, not inside options")
-        known = {f.name for f in dataclasses.fields(SAEConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
+        known = fields_with_role()
         unknown = sorted(set(self.options) - known)
         if unknown:
             raise sae_lib.SAEConfigError(f"unknown option(s) {unknown}; allowed: {sorted(known - RESERVED)}")
@@ -101,6 +86,15 @@ class RunConfig:
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise sae_lib.SAEConfigError(f"--out {self.out} is an existing file; --out names a folder for the run")
         require_nonnegative_int("eval_offset", self.eval_offset)
+
+
+RESERVED = (
+    fields_with_role(explicit=True)
+    | (fields_with_role() & {f.name for f in dataclasses.fields(RunConfig)})
+    | {"checkpoint_dir"}
+)
+"""SAEConfig/TrainConfig fields a RunConfig never takes in `options`: build_trainer's named arguments, the ones
+RunConfig sets as its own fields (checkpoint_every, progress) and checkpoint_dir (always out/checkpoints)."""
 
 
 def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:

@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from torch import Tensor
 
+from activations.reader import load_cache
 from sae.base import SAE
 from sae.config import SAEConfig, TrainConfig, fields_with_role
 from sae.distributed import Collectives, check_divisible, default_collectives
@@ -71,11 +72,7 @@ def build_trainer(
     cls.validate_config(SAEConfig(arch=arch, d_in=1, n_features=n_features, k=k, **sae_options))  # before any data
     metadata = dict(metadata or {})
     if isinstance(activations, (str, PathLike)):
-        # Imported here, not at the top: the one use of the caching package in sae/, for cache paths only
-        # (sae does not depend on activations otherwise; tests substitute sys.modules["activations"]).
-        import activations as activations_package
-
-        activations = activations_package.load_cache(activations)
+        activations = load_cache(activations)
     if isinstance(activations, ActivationSource):
         metadata = {**_cache_metadata(activations), **metadata}
     coll = collectives or default_collectives()

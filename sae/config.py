@@ -9,8 +9,9 @@ Every field declares its role once, in its `_option(role, default, explicit=...)
 - "run_only": how this process runs (checkpoints, logging, kernels, prefetch), not the trained result,
   so a resume may change it (TrainConfig);
 and `explicit=True` marks the fields `sae.build_trainer` takes as named arguments (arch, n_features, k,
-batch_size, total_tokens, lr, seed) or derives (d_in) rather than as **options. Routers read the table
-through `fields_with_role` and `option_roles`.
+batch_size, total_tokens, lr, seed) or derives (d_in) rather than as **options; `shared=True` the fields that
+decide the batches a run reads (several SAEs trained on one stream must agree on them). Routers read the table
+through `fields_with_role`, `option_roles` and `shared_stream_fields`.
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ ROLES = ("sae", "train", "run_only")
 """Roles of config fields; see the module docstring."""
 ROLE = "role"
 EXPLICIT = "explicit"
-"""Keys of a field's metadata: its role, and whether build_trainer takes it as a named argument."""
+SHARED_STREAM = "shared_stream"
+"""Keys of a field's metadata: its role, whether build_trainer takes it as a named argument, and whether it decides
+the batches a run reads (runs trained together on one activation stream must agree on it; RunConfig marks its own
+such fields, activations and hook, with the same key)."""
 
 
-def _option(role: str, default: Any = dataclasses.MISSING, *, explicit: bool = False) -> Any:
-    """A config field with its role (and explicit flag) in its metadata; `default` as dataclasses.field's."""
+def _option(role: str, default: Any = dataclasses.MISSING, *, explicit: bool = False, shared: bool = False) -> Any:
+    """A config field with its role (explicit and shared-stream flags) in its metadata; `default` as
+    dataclasses.field's."""
     if role not in ROLES:
         raise ValueError(f"unknown field role {role!r}; roles: {', '.join(ROLES)}.")
-    return dataclasses.field(default=default, metadata={ROLE: role, EXPLICIT: explicit})
+    return dataclasses.field(default=default, metadata={ROLE: role, EXPLICIT: explicit, SHARED_STREAM: shared})
 
 
 @dataclass
@@ -116,9 +121,9 @@ class SAEConfig:
 class TrainConfig:
     """How one training run goes: optimiser, schedule, aux loss, dead tracking, checkpoints."""
 
-    batch_size: int = _option("train", 4096, explicit=True)
+    batch_size: int = _option("train", 4096, explicit=True, shared=True)
     "Tokens per step B."
-    total_tokens: int | None = _option("train", None, explicit=True)
+    total_tokens: int | None = _option("train", None, explicit=True, shared=True)
     "Tokens to train on; None means one pass over the data."
     lr: float | None = _option("train", None, explicit=True)
     "Adam learning rate; None means 2e-4 / sqrt(F / 2^14) (dictionary_learning's scaling)."
@@ -136,11 +141,11 @@ class TrainConfig:
     "Linear decay of the LR to 0 over this final fraction of steps (our choice)."
     grad_clip: float = _option("train", 1.0)
     "Clip the global gradient norm to this value (dictionary_learning); 0 disables."
-    seed: int = _option("train", 0, explicit=True)
+    seed: int = _option("train", 0, explicit=True, shared=True)
     "Seed for the initial weights and the data order."
-    shuffle: bool = _option("train", True)
+    shuffle: bool = _option("train", True, shared=True)
     "Shuffle tensors and caches each pass (seeded); plain iterables keep their own order."
-    shuffle_buffer_rows: int | None = _option("train", None)
+    shuffle_buffer_rows: int | None = _option("train", None, shared=True)
     "Rows mixed at once when shuffling a cache (None: the reader's 262,144); reading memory is rows x d x 4 bytes."
     aux_loss: str | None = _option("train", None)
     "auxk, aux_zipf or none; None means the architecture's default (AuxK, or none for FC)."
@@ -244,6 +249,11 @@ def fields_with_role(*roles: str, explicit: bool | None = None) -> frozenset[str
         for f in dataclasses.fields(cls)
         if f.metadata[ROLE] in wanted and (explicit is None or f.metadata[EXPLICIT] == explicit)
     )
+
+
+def shared_stream_fields(cls: type) -> tuple[str, ...]:
+    """The fields of dataclass `cls` that decide the batches a run reads, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(SHARED_STREAM))
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -10,8 +10,8 @@ import torch
 from conftest import write_cache
 
 import sae
-from experiments.multi_train import train_many
-from experiments.training import run_config_from_dict, train_run
+from experiments.multi_train import SHARED_KEYS, train_many
+from experiments.training import RESERVED, run_config_from_dict, train_run
 from sae.synthetic import planted_dictionary_data
 
 HOOK = "blocks.0.hook_resid_post"
@@ -133,3 +133,11 @@ def test_other_activations_and_shared_out_folders_are_refused(planted_caches, tm
         train_many(same_out)
     with pytest.raises(sae.SAEConfigError, match="got 1 log_fns for 2 configs"):
         train_many([run_config(planted_caches, tmp_path / "a"), run_config(planted_caches, tmp_path / "c")], [None])
+
+
+def test_routers_read_the_one_field_table():
+    """The keys a shared stream must agree on and the options a RunConfig refuses come from the field metadata."""
+    assert SHARED_KEYS == ("activations", "hook", "batch_size", "total_tokens", "seed", "shuffle",
+                           "shuffle_buffer_rows")
+    assert RESERVED == {"arch", "d_in", "n_features", "k", "batch_size", "total_tokens", "lr", "seed",
+                        "checkpoint_dir", "checkpoint_every", "progress"}

@@ -1,8 +1,6 @@
 """sae.train / sae.load / sae.evaluate: accepted inputs and one clear error per bad input."""
 
 import inspect
-import sys
-import types
 
 import pytest
 import torch
@@ -50,7 +48,7 @@ def fake_activations_package(monkeypatch, acts):
         caches[str(path)] = FakeCache(acts)
         return caches[str(path)]
 
-    monkeypatch.setitem(sys.modules, "activations", types.SimpleNamespace(load_cache=load_cache))
+    monkeypatch.setattr(sae.api, "load_cache", load_cache)
     return caches
 
 

@@ -11,7 +11,7 @@ from experiments.arguments import add_dataclass_arguments, dataclass_from_args
 from experiments.data_parallel import process_group
 from experiments.training import RESERVED, RunConfig, is_main_process, load_run_config, train_run
 from experiments.wandb_logging import WandbRun, make_log_fn
-from sae.config import SAEConfig, TrainConfig
+from sae.config import SAEConfig, TrainConfig, fields_with_role
 
 
 def _train_parser_options(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def _none_defaults(cls) -> dict:
 
 
 def _collect_options(args: argparse.Namespace) -> dict:
-    names = {f.name for cls in (SAEConfig, TrainConfig) for f in dataclasses.fields(cls)} - RESERVED
+    names = fields_with_role() - RESERVED
     return {n: getattr(args, n) for n in sorted(names) if getattr(args, n, None) is not None}
 
 

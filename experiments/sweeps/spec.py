@@ -12,7 +12,7 @@ import yaml
 
 from experiments import training
 from experiments.wandb_logging import scalar_metrics
-from sae.config import SAEConfig, TrainConfig
+from sae.config import fields_with_role
 from sae.errors import SAEConfigError
 from sae.metrics import MetricsAccumulator
 
@@ -67,7 +67,7 @@ RUN_METRICS = ("train_seconds", "train_tokens", "train_tokens_per_s", "eval_rows
 def allowed_parameters() -> list[str]:
     """Names a sweep may vary: RunConfig fields and the SAE/trainer options a RunConfig accepts."""
     own = {f.name for f in dataclasses.fields(training.RunConfig)} - {"options", "out"}
-    options = {f.name for cls in (SAEConfig, TrainConfig) for f in dataclasses.fields(cls)} - training.RESERVED
+    options = fields_with_role() - training.RESERVED
     return sorted(own | options)
 
 

@@ -1,0 +1,125 @@
+"""The house's floors, read from the code: every first-party import (at the top of a module or inside a function),
+no import cycle between modules, imports only downward between packages, nothing imports the CLI, and
+function-level imports only for the measured start-up costs of docs/ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("activations", "sae", "experiments", "dashboard")
+FLOOR = {"activations": 0, "sae": 1, "experiments": 2, "dashboard": 3}
+"""A module may import its own package and the ones below it; the CLI (experiments.cli, experiments.train) is the
+top floor and may import the dashboard's launcher."""
+ENTRY_POINTS = ("experiments.cli", "experiments.train")
+DEFERRED = ("transformer_lens", "transformers", "datasets", "wandb")
+"""Third-party packages imported inside functions on purpose: each costs seconds at start-up (docs/ARCHITECTURE.md)."""
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def imports_of(path: Path, name: str) -> list[tuple[str, bool]]:
+    """(imported module, inside a function) for every import statement; relative imports resolved."""
+    tree = ast.parse(path.read_text())
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inside.update(id(n) for n in ast.walk(node) if n is not node)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in inside) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.append((base, id(node) in inside))
+            found += [(f"{base}.{alias.name}", id(node) in inside) for alias in node.names]
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = all_modules()
+    return {name: {dep for dep, _ in imports_of(path, name) if dep in modules and dep != name}
+            for name, path in modules.items()}
+
+
+def is_entry(name: str) -> bool:
+    return any(name == e or name.startswith(e + ".") for e in ENTRY_POINTS)
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle as a list of modules, or None (iterative DFS; a package's own __init__ is not an edge to itself)."""
+    state: dict[str, int] = {}
+    for start in edges:
+        if state.get(start):
+            continue
+        stack = [(start, iter(sorted(edges[start])))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                return path[path.index(child):] + [child]
+            elif not state.get(child):
+                state[child] = 1
+                stack.append((child, iter(sorted(edges[child]))))
+                path.append(child)
+    return None
+
+
+def test_the_import_walk_sees_the_modules_and_their_edges():
+    edges = graph()
+    assert {"activations.reader", "sae.api", "experiments.cli.root", "dashboard.app"} <= set(edges)
+    assert "activations.format" in edges["activations.reader"] and "sae.training.trainer" in edges["sae.api"]
+
+
+def test_the_cycle_search_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_between_modules():
+    edges = graph()
+    # a package's __init__ re-exporting its modules is not a cycle through them: drop edges into __init__ files
+    packages = {name for name, path in all_modules().items() if path.name == "__init__.py"}
+    acyclic = {name: {d for d in deps if d not in packages} for name, deps in edges.items()}
+    assert find_cycle(acyclic) is None, f"import cycle: {' -> '.join(find_cycle(acyclic) or [])}"
+
+
+def test_imports_only_go_down_the_floors_and_nothing_imports_the_cli():
+    upward, into_cli = [], []
+    for name, deps in graph().items():
+        for dep in deps:
+            if is_entry(dep) and not is_entry(name):
+                into_cli.append(f"{name} -> {dep}")
+            launcher = is_entry(name) and dep == "dashboard.launch"
+            if FLOOR[dep.split(".")[0]] > FLOOR[name.split(".")[0]] and not launcher:
+                upward.append(f"{name} -> {dep}")
+    assert not upward, f"imports going up a floor: {upward}"
+    assert not into_cli, f"modules importing the CLI: {into_cli}"
+
+
+def test_function_level_imports_only_defer_the_measured_heavy_packages():
+    local = sorted(
+        f"{name}: {dep}"
+        for name, path in all_modules().items()
+        for dep, inside in imports_of(path, name)
+        if inside and dep.split(".")[0] not in DEFERRED
+    )
+    assert not local, f"function-level imports of cheap modules: {local}"
