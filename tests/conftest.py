@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import sae
 from activations.format import FORMAT_VERSION, MANIFEST
 from activations.storage import atomic_write_bytes, atomic_write_json
 
@@ -220,3 +221,41 @@ def write_cache(folder: Path, acts: torch.Tensor, shard_rows: int = 1024, hook: 
         },
     )
     return folder
+
+
+# ---- the analysis and dashboard tests' SAE, cache and page runner ----
+
+D_IN, N_FEATURES, K, SHARD_ROWS, N_SHARDS = 32, 32, 4, 64, 3
+"""The analysis tests' SAE and cache (make_sae, make_cache): widths, k, and 3 contexts of 64 rows."""
+
+
+def make_sae(path, d_in: int = D_IN, arch: str = "topk", seed: int = 0, model_name: str = "synthetic"):
+    """A randomly initialised (untrained) SAE is enough: the analysis only needs a fixed encode."""
+    model = sae.get_architecture(arch)(sae.SAEConfig(arch=arch, d_in=d_in, n_features=N_FEATURES, k=K,
+                                                     normalization="none"), seed=seed)
+    model.metadata = {"hook_name": FAKE_CACHE_HOOK, "model_name": model_name}
+    model.save(path)
+    return model
+
+
+def make_cache(path, seed: int = 0, d_in: int = D_IN):
+    """3 contexts of 64 rows after a BOS; token ids 4..101 (the char tokenizer's characters)."""
+    gen = torch.Generator().manual_seed(seed)
+    acts = torch.randn(SHARD_ROWS * N_SHARDS, d_in, generator=gen)
+    write_cache(path, acts, shard_rows=SHARD_ROWS)
+    tokens = np.random.default_rng(seed).integers(4, 102, size=(N_SHARDS, SHARD_ROWS + 1)).astype(np.int32)
+    tokens[:, 0] = 0  # bos_token_id of write_cache's manifest
+    np.save(path / "tokens.npy", tokens)
+    return acts, tokens
+
+
+def page(name: str):
+    """An AppTest running one page's render() alone."""
+    from streamlit.testing.v1 import AppTest
+
+    def script(module: str) -> None:
+        import importlib
+
+        importlib.import_module(f"dashboard.views.{module}").render()
+
+    return AppTest.from_function(script, args=(name,), default_timeout=30)

@@ -14,31 +14,7 @@ from experiments.analysis.pipeline import analyze
 from experiments.analysis.stats import HIST_EDGES, quantile_edges, sample_keys
 from experiments.analysis.store import AnalysisStore, StoreError
 from experiments.cli.analyze import add_analyze_parser
-from tests.conftest import FAKE_CACHE_HOOK, write_cache
-
-D_IN, N_FEATURES, K, SHARD_ROWS, N_SHARDS = 32, 32, 4, 64, 3
-
-
-def make_sae(path, d_in: int = D_IN, arch: str = "topk", seed: int = 0, model_name: str = "synthetic"):
-    """A randomly initialised (untrained) SAE is enough: the analysis only needs a fixed encode."""
-    import sae
-
-    model = sae.get_architecture(arch)(sae.SAEConfig(arch=arch, d_in=d_in, n_features=N_FEATURES, k=K,
-                                                     normalization="none"), seed=seed)
-    model.metadata = {"hook_name": FAKE_CACHE_HOOK, "model_name": model_name}
-    model.save(path)
-    return model
-
-
-def make_cache(path, seed: int = 0, d_in: int = D_IN):
-    """3 contexts of 64 rows after a BOS; token ids 4..101 (the char tokenizer's characters)."""
-    gen = torch.Generator().manual_seed(seed)
-    acts = torch.randn(SHARD_ROWS * N_SHARDS, d_in, generator=gen)
-    write_cache(path, acts, shard_rows=SHARD_ROWS)
-    tokens = np.random.default_rng(seed).integers(4, 102, size=(N_SHARDS, SHARD_ROWS + 1)).astype(np.int32)
-    tokens[:, 0] = 0  # bos_token_id of write_cache's manifest
-    np.save(path / "tokens.npy", tokens)
-    return acts, tokens
+from tests.conftest import N_FEATURES, N_SHARDS, SHARD_ROWS, make_cache, make_sae
 
 
 @pytest.fixture(scope="module")

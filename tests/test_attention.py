@@ -8,9 +8,7 @@ import sae
 from experiments.analysis.pipeline import analyze
 from experiments.analysis.store import AnalysisStore
 from experiments.attention import HeadViewError, check_hook_z, head_attribution, head_dfa, one_head_features
-from tests.conftest import write_cache
-from tests.test_analysis import N_FEATURES, SHARD_ROWS
-from tests.test_dashboard import page
+from tests.conftest import N_FEATURES, SHARD_ROWS, make_cache, make_sae, page, write_cache
 
 HOOK_Z = "blocks.0.attn.hook_z"  # the tiny model: 4 heads of 8
 
@@ -91,8 +89,6 @@ def test_feature_page_shows_heads_and_exact_dfa_on_the_top_contexts(z_store, mon
 
 
 def test_an_sae_on_another_hook_has_no_head_views(tmp_path):
-    from tests.test_analysis import make_cache, make_sae
-
     make_cache(tmp_path / "cache")
     make_sae(tmp_path / "sae")
     analyze(tmp_path / "sae", tmp_path / "cache", out=tmp_path / "store", top_n=4, window=2, progress=False)

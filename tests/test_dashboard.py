@@ -13,7 +13,7 @@ from dashboard.data import store_path
 from dashboard.launch import dashboard_command
 from experiments.analysis.pipeline import analyze
 from experiments.analysis.store import STORE_SCHEMA_VERSION, AnalysisStore, StoreError
-from tests.test_analysis import make_cache, make_sae
+from tests.conftest import make_cache, make_sae, page
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 
@@ -35,18 +35,6 @@ def store_dir(tmp_path_factory, tiny_model):
 def app_env(store_dir, monkeypatch):
     monkeypatch.setenv("SAEWB_STORE", str(store_dir))
     return store_dir
-
-
-def page(name: str):
-    """An AppTest running one page's render() alone."""
-    from streamlit.testing.v1 import AppTest
-
-    def script(module: str) -> None:
-        import importlib
-
-        importlib.import_module(f"dashboard.views.{module}").render()
-
-    return AppTest.from_function(script, args=(name,), default_timeout=30)
 
 
 def test_app_opens_on_overview(app_env):

@@ -123,3 +123,14 @@ def test_function_level_imports_only_defer_the_measured_heavy_packages():
         if inside and dep.split(".")[0] not in DEFERRED
     )
     assert not local, f"function-level imports of cheap modules: {local}"
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers and fixtures live in tests/conftest.py."""
+    offenders = sorted(
+        f"{path.name}: {dep}"
+        for path in (ROOT / "tests").glob("test_*.py")
+        for dep, _ in imports_of(path, f"tests.{path.stem}")
+        if dep.split(".")[-1].startswith("test_") or dep.startswith(("tests.test_", "test_"))
+    )
+    assert not offenders, f"test modules importing other test modules: {offenders}"
