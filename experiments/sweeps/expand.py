@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from experiments.sweeps.spec import POSITIVE_DISTRIBUTIONS, distribution_of, is_finite, run_count
+from experiments.sweeps.spec import POSITIVE_DISTRIBUTIONS, Sweep, distribution_of, is_finite, run_count
 from sae.errors import SAEConfigError
 
 
@@ -44,7 +44,7 @@ def sample_value(spec: dict[str, Any], rng: random.Random) -> Any:
     return value
 
 
-def local_runs(sweep: dict[str, Any], count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def local_runs(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """The parameter sets of a sweep run here: grid -> the cartesian product (first `count` of it);
     random -> `count` seeded samples, or the whole grid in a seeded order when every parameter is a
     finite list; bayes -> random, with a note (bayes needs W&B's sweep server)."""
@@ -76,7 +76,7 @@ def local_runs(sweep: dict[str, Any], count: int | None = None, seed: int = 0) -
     return [{name: sample_value(spec, rng) for name, spec in params.items()} for _ in range(n)]
 
 
-def varying_parameters(sweep: dict[str, Any]) -> list[str]:
+def varying_parameters(sweep: Sweep) -> list[str]:
     """Parameters that take more than one value in this sweep (they name the runs)."""
     return [name for name, spec in sweep["parameters"].items() if not (is_finite(spec) and len(_choices(spec)) == 1)]
 
@@ -98,7 +98,7 @@ def run_name(params: dict[str, Any], varying: list[str]) -> str:
     return name
 
 
-def run_names(sweep: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+def run_names(sweep: Sweep, runs: list[dict[str, Any]]) -> list[str]:
     """run_name per run; a repeated name (the same sample drawn twice) gets -2, -3... in order."""
     varying, seen, names = varying_parameters(sweep), Counter(), []
     for params in runs:

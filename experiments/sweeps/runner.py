@@ -14,8 +14,8 @@ from typing import Any
 import activations
 from experiments import multi_train, training
 from experiments.sweeps.expand import local_runs, run_name, run_names, varying_parameters
-from experiments.sweeps.results import results_table, sort_results, write_results
-from experiments.sweeps.spec import LOCAL_ONLY_KEYS, load_sweep, run_count
+from experiments.sweeps.results import SweepResult, results_table, sort_results, write_results
+from experiments.sweeps.spec import LOCAL_ONLY_KEYS, Sweep, load_sweep, run_count
 from experiments.wandb_logging import WandbRun, make_log_fn, resolve_mode, scalar_metrics
 from sae.errors import SAEError
 
@@ -30,7 +30,7 @@ def run_sweep(
     local: bool = False,
     shared_stream: bool = False,
     seed: int = 0,
-) -> list[dict[str, Any]]:
+) -> list[SweepResult]:
     """Run every run of a sweep file; returns their results sorted by the sweep's metric.
 
     With W&B online (an API key, or mode="online") and not `local`, W&B's controller picks the runs
@@ -63,16 +63,18 @@ def _result(
     status: str,
     metrics: dict[str, Any] | None = None,
     error: str | None = None,
-) -> dict[str, Any]:
-    entry = {"name": name, "out": cfg.out, "status": status, "params": params, "metrics": scalar_metrics(metrics or {})}
+) -> SweepResult:
+    entry: SweepResult = {
+        "name": name, "out": cfg.out, "status": status, "params": params, "metrics": scalar_metrics(metrics or {}),
+    }
     if error is not None:
         entry["error"] = error
     return entry
 
 
 def _run_locally(
-    sweep: dict[str, Any], root: Path, count: int | None, seed: int, mode: str | None, shared_stream: bool
-) -> list[dict[str, Any]]:
+    sweep: Sweep, root: Path, count: int | None, seed: int, mode: str | None, shared_stream: bool
+) -> list[SweepResult]:
     runs = local_runs(sweep, count, seed)
     names = run_names(sweep, runs)
     configs = [
@@ -121,7 +123,7 @@ def _stream_groups(pending: list[int], configs: list[Any]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _train_group(cfgs: list[Any], names: list[str], group: str, mode: str | None) -> list[dict[str, Any]]:
+def _train_group(cfgs: list[Any], names: list[str], group: str, mode: str | None) -> list[SweepResult]:
     """Train one run (train_run) or several on a shared stream (train_many), each with its W&B run."""
     with ExitStack() as stack:
         runs = []
@@ -154,7 +156,7 @@ def _train_group(cfgs: list[Any], names: list[str], group: str, mode: str | None
     return [metrics for _, metrics in pairs]
 
 
-def _run_with_agent(sweep: dict[str, Any], root: Path, count: int | None) -> list[dict[str, Any]]:
+def _run_with_agent(sweep: Sweep, root: Path, count: int | None) -> list[SweepResult]:
     """Create the sweep on W&B and let an agent in this process train what the controller picks."""
     import wandb  # deferred: importing wandb costs ~1 s of every saewb start-up (measured in docs/ARCHITECTURE.md)
 
@@ -164,7 +166,7 @@ def _run_with_agent(sweep: dict[str, Any], root: Path, count: int | None) -> lis
     if n is None and sweep["method"] != "grid":  # only finite parameters (validated): one run per combination
         n = len(local_runs(sweep))
     varying = varying_parameters(sweep)
-    results: list[dict[str, Any]] = []
+    results: list[SweepResult] = []
 
     def train_one() -> None:
         with WandbRun(project=project, group=sweep["name"], job_type="sweep", mode="online") as run:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import yaml
@@ -41,22 +41,35 @@ POSITIVE_DISTRIBUTIONS = ("log_uniform_values", "q_log_uniform_values")
 SPEC_KEYS = ("value", "values", "probabilities", "distribution", "min", "max", "q")
 
 
-TOP_KEYS = (
-    "name",
-    "description",
-    "method",
-    "metric",
-    "parameters",
-    "run_cap",
-    "count",
-    "out_root",
-    "project",
-    "entity",
-    "program",
-    "command",
-    "early_terminate",
-)
-"""Keys a sweep file may hold: W&B's, plus `count` (runs for random/bayes) and `out_root` (this tool's)."""
+class Metric(TypedDict):
+    """What a sweep ranks its runs by."""
+
+    name: str
+    goal: str  # "minimize" or "maximize"
+
+
+class Sweep(TypedDict, total=False):
+    """A sweep file as `load_sweep` returns it, validated: W&B's sweep keys plus `count` (runs for random/bayes)
+    and `out_root` (this tool's). parameters maps a RunConfig/SAEConfig/TrainConfig field to a W&B parameter
+    spec ({value}, {values[, probabilities]}, or {distribution, min, max[, q]})."""
+
+    name: str
+    description: str
+    method: str
+    metric: Metric
+    parameters: dict[str, dict[str, Any]]
+    run_cap: int
+    count: int
+    out_root: str
+    project: str
+    entity: str
+    program: str
+    command: list[str]
+    early_terminate: dict[str, Any]
+
+
+TOP_KEYS = tuple(Sweep.__annotations__)
+"""Keys a sweep file may hold (the Sweep fields, in order)."""
 
 
 LOCAL_ONLY_KEYS = ("count", "out_root")
@@ -234,7 +247,7 @@ def validate_sweep(data: dict[str, Any], count: int | None = None) -> list[str]:
     return problems + _count_problems(data, count)
 
 
-def load_sweep(path: str | Path, *, count: int | None = None) -> dict[str, Any]:
+def load_sweep(path: str | Path, *, count: int | None = None) -> Sweep:
     """Read and validate a sweep YAML file; its `name` defaults to the file's stem.
 
     `count` is the --count given on the command line (random search needs a count from somewhere).
@@ -256,7 +269,7 @@ def load_sweep(path: str | Path, *, count: int | None = None) -> dict[str, Any]:
     return {"name": path.stem, **data}
 
 
-def run_count(sweep: dict[str, Any], count: int | None = None) -> int | None:
+def run_count(sweep: Sweep, count: int | None = None) -> int | None:
     """How many runs: --count, else the smaller of the file's count and run_cap; None means all of a grid."""
     if count is not None:
         return count
