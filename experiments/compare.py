@@ -208,6 +208,18 @@ def _finished(cfg: RunConfig) -> bool:
     return before == now
 
 
+def _not_reportable(cfg: RunConfig, with_ce: bool) -> str | None:
+    """Why a run cannot go into a --report-only report as it is (None when it can)."""
+    if not _finished(cfg):
+        return "not finished"
+    metrics = json.loads((Path(cfg.out) / "eval.json").read_text())
+    if stale_calibration(sae_lib.load(cfg.out), metrics):
+        return "calibrated by an older rule (a run without --report-only recalibrates it)"
+    if with_ce and "ce_loss_recovered" not in metrics:
+        return "no CE/KL yet"
+    return None
+
+
 def run_comparison(
     runs: list[tuple[str, RunConfig]], model: Any, ce_tokens: int, log_fn=None, report_only: bool = False
 ) -> list[dict[str, Any]]:
@@ -215,7 +227,8 @@ def run_comparison(
 
     A g-SAE gives two rows: its gradient rule and plain TopK at inference. Resumable: a run whose folder
     holds eval.json for the same RunConfig is reused, and CE/KL once computed are kept in eval.json.
-    report_only: leave out runs that have not finished instead of training them.
+    report_only: compute nothing; leave out runs that have not finished, that a rerun would recalibrate, or
+    that lack the CE/KL this report would add (so it can run beside the comparison that is filling them in).
     """
     if isinstance(model, str):
         model = activations.load_model(model)
@@ -224,8 +237,8 @@ def run_comparison(
     for label, cfg in bar:
         bar.set_postfix_str(f"{label} k={cfg.k} seed={cfg.seed}")
         eval_path = Path(cfg.out) / "eval.json"
-        if report_only and not _finished(cfg):
-            print(f"[compare] {label} k={cfg.k} seed {cfg.seed}: not finished, left out of the report", file=sys.stderr)
+        if report_only and (why := _not_reportable(cfg, model is not None)):
+            print(f"[compare] {label} k={cfg.k} seed {cfg.seed}: {why}, left out of the report", file=sys.stderr)
             continue
         trained, metrics = _train_or_reuse(label, replace(cfg, progress=cfg.progress and len(runs) < 2), log_fn)
         if model is not None and "ce_loss_recovered" not in metrics:

@@ -583,6 +583,25 @@ def test_finished_runs_calibrated_by_an_older_rule_are_recalibrated_not_retraine
     assert not compare.stale_calibration(sae_lib.load(runs[0][1].out), old)
 
 
+def test_report_only_leaves_out_runs_it_would_have_to_recalibrate(caches, tmp_path, monkeypatch, capsys):
+    """--report-only computes nothing, so it can run beside the comparison that is recalibrating runs."""
+    import experiments.compare as compare
+
+    base = run_cfg(caches, tmp_path, total_tokens=512)
+    runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "feature_choice"])
+    compare.run_comparison(runs, None, 0)
+    eval_path = Path(runs[1][1].out) / "eval.json"
+    old = json.loads(eval_path.read_text())
+    old["calibration"]["source"] = "eval rows 0-100 (held out)"
+    eval_path.write_text(json.dumps(old))
+    monkeypatch.setattr(compare, "finish_run", lambda *a, **k: pytest.fail("report_only must not recalibrate"))
+    rows = compare.run_comparison(runs, None, 0, report_only=True)
+    assert [r["run"] for r in rows] == ["topk"]
+    err = capsys.readouterr().err
+    assert "calibrated by an older rule (a run without --report-only recalibrates it), left out" in err
+    assert json.loads(eval_path.read_text()) == old
+
+
 def replace_out(cfg: RunConfig, out) -> RunConfig:
     import dataclasses
 
