@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,13 @@ class ActivationCache:
     @property
     def model(self) -> str:
         return self.manifest["model"]
+
+    def only(self, hook: str) -> ActivationCache:
+        """This cache seen through one of its hooks: the same files, with `hook` as its first and only hook (what a
+        reader that takes a cache's first hook, such as sae.train, then reads)."""
+        view = copy.copy(self)
+        view.manifest = {**self.manifest, "hooks": [self._hook(hook)]}
+        return view
 
     def _hook(self, hook: str | None) -> str:
         if hook is None:

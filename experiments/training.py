@@ -199,7 +199,7 @@ def open_run_data(cfg: RunConfig):
     hook = cfg.hook or cache.hooks[0]
     if hook not in cache.hooks:
         raise sae_lib.SAEConfigError(f"hook {hook!r} is not in {cfg.activations}; it holds {cache.hooks}")
-    return cache, hook, (HookView(cache, hook) if hook != cache.hooks[0] else cache)
+    return cache, hook, (cache.only(hook) if hook != cache.hooks[0] else cache)
 
 
 def prepare_run(cfg: RunConfig, data: Any, cache, hook: str, log_fn=None) -> sae_lib.Trainer:
@@ -295,19 +295,6 @@ def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]
 def is_main_process() -> bool:
     """False on data-parallel ranks other than 0 (which must not write run outputs)."""
     return default_collectives().is_main
-
-
-class HookView:
-    """A cache seen through one of its hooks, for sae.train (which reads a cache's first hook)."""
-
-    def __init__(self, cache, hook: str):
-        self.cache, self.hook = cache, hook
-        self.d_in = int(cache.manifest["d_in"][hook])
-        self.n_tokens, self.has_grads, self.model = cache.n_tokens, cache.has_grads, cache.model
-        self.hooks = [hook]
-
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, hook: str | None = None, **kw):
-        return self.cache.iter_batches(batch_size, shuffle=shuffle, seed=seed, hook=self.hook, **kw)
 
 
 def json_safe(obj: Any) -> Any:

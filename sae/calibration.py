@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sae.base import SAE
 from sae.batch_items import split_item
+from sae.devices import to_device
 from sae.errors import SAEConfigError, SAEDataError
 
 DEFAULT_ROWS = 131_072
@@ -88,8 +89,7 @@ def _sample(model: SAE, activations: Tensor | Iterable[Any], max_rows: int, batc
         items = activations
     out, held = [], 0
     for item in items:
-        x = split_item(item)[0]
-        x = x[: max_rows - held]
+        x = to_device(split_item(item)[0][: max_rows - held], model.W_enc.device)
         if not bool(torch.isfinite(x).all()):
             raise SAEDataError("calibration activations contain NaN/inf; nothing was changed.")
         out.append(model.normalize(x)[0])

@@ -24,6 +24,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
+from sae.devices import check_device_spec
 from sae.errors import SAEConfigError
 
 FORMAT_VERSION = 1
@@ -187,6 +188,8 @@ class TrainConfig:
     "MC/FC: training rows used to calibrate the inference thresholds at the end (0 keeps the EMA thresholds)."
     prefetch_batches: int | None = _option("run_only", None)
     "Batches read ahead by a background thread; None: 2 when a core is free beyond torch's threads, else 0."
+    device: str = _option("run_only", "auto")
+    "Where the SAE and optimiser live: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
 
     def __post_init__(self) -> None:
         require_finite_floats(self)
@@ -220,6 +223,7 @@ class TrainConfig:
                 _require_positive_int(name, getattr(self, name))
         if self.prefetch_batches is not None:
             require_nonnegative_int("prefetch_batches", self.prefetch_batches)
+        check_device_spec(self.device)
         require_nonnegative_int("calibration_rows", self.calibration_rows, " (0 disables)")
         for name in ("norm_estimation_batches", "geometric_median_rows", "keep_checkpoints", "log_every"):
             _require_positive_int(name, getattr(self, name))

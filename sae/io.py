@@ -91,7 +91,7 @@ def write_folder(
     """Write an SAE's state dict and config into directory `path` (created if needed); returns the directory."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous() for name, t in state.items()}
+    state = {name: t.detach().cpu().contiguous() for name, t in state.items()}  # device-independent files
     scalar = cfg.normalization == "scalar"
     c = state["norm_scale"]
     weights = {

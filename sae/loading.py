@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from sae.base import SAE
+from sae.devices import resolve_device
 from sae.errors import SAEConfigError
+from sae.hub import download_sae_folder, hub_name_of
 from sae.io import (
     WEIGHTS_FILENAME,
     check_workbench_shapes,
@@ -27,17 +29,25 @@ from sae.io import (
 from sae.registry import get_architecture
 
 
-def load_sae(path: str | Path) -> SAE:
-    """Load a folder written by `SAE.save` exactly, or a SAELens topk/jumprelu folder.
+def load_sae(path: str | Path, device: str | None = None) -> SAE:
+    """Load a folder written by `SAE.save` exactly, or a SAELens topk/jumprelu folder; or one on the Hugging Face
+    Hub by name, `hf://ORG/REPO[/SUBFOLDER][@REVISION]` (sae/hub.py: downloaded once into the HF cache, then read
+    from there, offline too). device: where to put it (sae/devices.py: auto, cpu, cuda, cuda:N; default: the
+    CPU, where saved files always are).
 
-    Every problem is one SAEConfigError that names the folder.
+    Every problem is one SAEConfigError (SAEDataError when a hub SAE is not cached and the Hub is out of reach)
+    that names the folder, or the hub name.
     """
-    path = Path(path)
+    name = hub_name_of(path)
+    folder = download_sae_folder(name) if name is not None else Path(path)
+    label = name or str(folder)  # a hub SAE's message keeps its cache path too
+    target = resolve_device(device) if device is not None else None  # a bad device fails before any reading
     try:
-        return _load_checked(path)
+        model = _load_checked(folder)
     except SAEConfigError as exc:
         message = str(exc)
-        raise SAEConfigError(message if str(path) in message else f"{path}: {message}") from None
+        raise SAEConfigError(message if label in message else f"{label}: {message}") from None
+    return model if target is None else model.to(target)
 
 
 def _load_checked(path: Path) -> SAE:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from sae.base import SAE
 from sae.batch_items import Batch, split_item
+from sae.devices import to_device
 from sae.errors import SAEConfigError, SAEDataError
 
 DENSITY_HIST_EDGES = tuple(float(e) for e in torch.linspace(-8, 0, 33))
@@ -217,6 +218,7 @@ def evaluate(
             break
         if x.shape[-1] != sae.cfg.d_in:
             raise SAEDataError(f"activations have width {x.shape[-1]} but the SAE has d_in={sae.cfg.d_in}.")
+        x, g = to_device(x, sae.W_enc.device), to_device(g, sae.W_enc.device)
         z = sae.encode(x, g) if mode == "inference" else sae.encode_batch(x, g)
         acc.update(x, sae.decode(z, x), z)
     return {**acc.compute(), "mode": mode}

@@ -19,6 +19,7 @@ import torch
 import sae
 from activations.format import FORMAT_VERSION, MANIFEST
 from activations.storage import atomic_write_bytes, atomic_write_json
+from sae.synthetic import planted_dictionary_data
 
 # No test ever reaches the Hugging Face hub; fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -259,3 +260,12 @@ def page(name: str):
         importlib.import_module(f"dashboard.views.{module}").render()
 
     return AppTest.from_function(script, args=(name,), default_timeout=30)
+
+
+def tiny_hub_sae(folder: Path, hook: str = "blocks.1.hook_resid_post") -> Path:
+    """A small trained TopK SAE saved at `folder` (the hub and push tests' SAE)."""
+    acts = planted_dictionary_data(1024, 16, 32, 2, seed=4).acts
+    model = sae.train(acts, arch="topk", n_features=32, k=2, batch_size=256, seed=3, progress=False,
+                      norm_estimation_batches=4, geometric_median_rows=512)
+    model.metadata.update(model_name="fake-model", hook_name=hook)
+    return model.save(folder)

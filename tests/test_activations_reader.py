@@ -331,3 +331,13 @@ def test_truncated_shard_is_refused_even_unverified(tmp_path, grads_cache):
     with pytest.raises(CacheError) as info:
         list(cache.iter_batches(32, shuffle=False))
     assert str(info.value) == f"shard {shard} has {size - 4} bytes, expected {size}: it is corrupted"
+
+
+def test_only_one_hook_reads_that_hook_as_the_first(grads_cache):
+    view = grads_cache.only(HOOKS[1])
+    assert view.hooks == [HOOKS[1]] and view.d_in == 64 and grads_cache.hooks == HOOKS  # the cache is unchanged
+    ours = next(view.iter_batches(16, seed=3))
+    theirs = next(grads_cache.iter_batches(16, seed=3, hook=HOOKS[1]))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    with pytest.raises(CacheError, match="is not in this cache"):
+        grads_cache.only("blocks.9.hook_resid_post")

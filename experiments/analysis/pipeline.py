@@ -21,6 +21,7 @@ from experiments.analysis.geometry import N_LOGIT_TOKENS, N_NEIGHBOURS, logit_ex
 from experiments.analysis.stats import DENSE_THRESHOLD, HIST_EDGES, quantile_edges, stream_features, with_margins
 from experiments.analysis.store import DEFAULT_STORE, write_sae
 from experiments.attention import head_attribution, one_head_features
+from sae.hub import download_sae_folder, hub_name_of, parse_hub_name
 
 
 def _encoded(sae_model, cache, hook: str, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
@@ -141,6 +142,13 @@ def analyze(
     model: None (no logit lens, and contexts show token ids), a name for `activations.load_model`, "auto"
     (the cache's own model, None if it cannot be loaded), or a loaded HookedTransformer.
     """
+    hub = hub_name_of(sae_dir)  # hf://ORG/REPO[/SUB][@REV] (or the hf:/ a Path makes of it): its cached folder
+    if hub is not None:
+        try:
+            sae_dir = download_sae_folder(hub)
+        except sae_pkg.SAEError as exc:
+            raise AnalysisError(str(exc)) from exc
+        name = name or parse_hub_name(hub).repo_id.split("/")[1]
     sae_dir = Path(sae_dir)
     sae_model, cache, hook = _load_inputs(sae_dir, activations_dir, hook)
     lm = _resolve_model(model, cache)

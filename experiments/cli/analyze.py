@@ -26,7 +26,8 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
         "histogram, logit-lens tokens and decoder-cosine neighbours, plus the training log's dead fraction, into "
         "STORE/store.sqlite. Analysing another SAE into the same store adds it (same --name replaces it).",
     )
-    parser.add_argument("--sae", required=True, help="SAE run folder (as written by `saewb train`)")
+    parser.add_argument("--sae", required=True,
+                        help="SAE run folder (as written by `saewb train`), or hf://ORG/REPO[/SUBFOLDER][@REVISION]")
     parser.add_argument("--activations", required=True, help="activation cache folder (ideally held-out)")
     parser.add_argument("--model", default="auto", help="model for token strings and the logit lens (default: "
                         "auto, the cache's own model; 'none' skips both and shows token ids)")

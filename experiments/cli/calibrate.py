@@ -7,10 +7,14 @@ import json
 
 import activations
 import sae
+from sae.hub import hub_name_of
 
 
 def run(args: argparse.Namespace) -> int:
     """Recalibrate an MC/FC SAE's inference thresholds on cache rows and rewrite its folder."""
+    if hub_name_of(args.sae):
+        raise sae.SAEConfigError(f"--sae {args.sae} is a hub name; calibrate rewrites a local folder in place: "
+                                 "download it (hf download ORG/REPO --local-dir DIR) and pass that folder.")
     model = sae.load(args.sae)
     if not model.calibration_rule:
         raise sae.SAEConfigError(f"{args.sae} is a {model.arch!r} SAE: only mutual_choice and feature_choice SAEs "

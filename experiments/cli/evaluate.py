@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
         "and report CE clean / spliced / zero-ablated, CE recovered and KL, on the cache's own contexts or on "
         "--dataset.",
     )
-    parser.add_argument("--sae", required=True, help="SAE folder (ours or SAELens')")
+    parser.add_argument("--sae", required=True,
+                        help="SAE folder (ours or SAELens'), or hf://ORG/REPO[/SUBFOLDER][@REVISION]")
     parser.add_argument("--activations", required=True, help="activation cache folder")
     parser.add_argument("--hook", help="hook of a multi-hook cache (default: the SAE's hook_name, else the first)")
     parser.add_argument("--max-rows", type=int, default=262_144, help="rows evaluated (default: 262144)")

@@ -79,7 +79,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
 
 def _add_intervention_arguments(parser: argparse.ArgumentParser) -> None:
     """What `saewb steer` and `saewb unlearn` share: the SAE, its model and hook, and the neutral contexts."""
-    parser.add_argument("--sae", required=True, help="SAE folder")
+    parser.add_argument("--sae", required=True, help="SAE folder, or hf://ORG/REPO[/SUBFOLDER][@REVISION]")
     parser.add_argument("--model", help="model (default: the SAE's own, from cfg.json)")
     parser.add_argument("--hook", help="hook (default: the SAE's own)")
     parser.add_argument("--contexts", type=int, default=8, help="neutral contexts scored (default: 8)")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dashboard.launch import add_dashboard_parser
-from experiments.cli import analyze, cache, calibrate, demo, evaluate, intervene, sweep, train
+from experiments.cli import analyze, cache, calibrate, demo, evaluate, intervene, push, sweep, train
 from experiments.data_parallel import leave_rank
 from experiments.user_errors import run_user_command
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_analyze_parser(sub)
     add_dashboard_parser(sub)
     demo.add_parser(sub)
+    push.add_parser(sub)
     return parser
 
 

@@ -63,7 +63,7 @@ class Checkpointer:
         try:
             sae.save(tmp)
             tensors = {f"adam.{k}": v for k, v in optimizer_tensors(sae, optimizer).items()}
-            tensors.update({f"tracker.{k}": v.contiguous() for k, v in tracker.state_tensors().items()})
+            tensors.update({f"tracker.{k}": v.cpu().contiguous() for k, v in tracker.state_tensors().items()})
             save_file(tensors, str(tmp / STATE_TENSORS))
             with open(tmp / STATE_JSON, "w") as f:
                 json.dump(state, f, indent=2)
@@ -125,7 +125,7 @@ def optimizer_tensors(sae: SAE, optimizer: torch.optim.Optimizer) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for index, fields in optimizer.state_dict()["state"].items():
         for field, value in fields.items():
-            out[f"{names[index]}.{field}"] = torch.as_tensor(value).contiguous()
+            out[f"{names[index]}.{field}"] = torch.as_tensor(value).cpu().contiguous()
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sae.batch_items import Batch, split_item
+from sae.devices import to_device
 from sae.errors import SAEConfigError, SAEDataError
 
 
@@ -205,6 +206,26 @@ class RankSliceStream(BatchStream):
 
     def peek(self, n: int) -> list[Batch]:
         return [self._slice(batch) for batch in self.stream.peek(n)]
+
+
+class DeviceStream(BatchStream):
+    """Another stream's batches moved to a device (CUDA: through pinned memory, non-blocking, so the copy of
+    batch i+1 overlaps step i when a prefetch thread reads this stream)."""
+
+    def __init__(self, stream: BatchStream, device: torch.device) -> None:
+        self.stream, self.device = stream, device
+        self.d_in, self.has_grads, self.tokens_per_pass = stream.d_in, stream.has_grads, stream.tokens_per_pass
+        self.reiterable, self.rank_local = stream.reiterable, stream.rank_local
+
+    def _move(self, batch: Batch) -> Batch:
+        return tuple(to_device(t, self.device) for t in batch)  # type: ignore[return-value]
+
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        for batch in self.stream.batches(start):
+            yield self._move(batch)
+
+    def peek(self, n: int) -> list[Batch]:
+        return [self._move(batch) for batch in self.stream.peek(n)]
 
 
 def make_stream(

@@ -27,15 +27,16 @@ class FeatureTracker:
 
     def __init__(
         self, n_features: int, dead_tokens: int, fire_threshold: float, ema_beta: float,
-        collectives: Collectives = SINGLE_PROCESS,
+        collectives: Collectives = SINGLE_PROCESS, device: torch.device | str = "cpu",
     ) -> None:
         self.collectives = collectives
         "Data-parallel ranks: firing counts are summed over the global batch."
         self.dead_tokens = dead_tokens
         self.fire_threshold = fire_threshold
         self.ema_beta = ema_beta
-        self.tokens_since_fired = torch.zeros(n_features, dtype=torch.int64)
-        self.density_ema = torch.zeros(n_features)
+        self.device = torch.device(device)
+        self.tokens_since_fired = torch.zeros(n_features, dtype=torch.int64, device=self.device)
+        self.density_ema = torch.zeros(n_features, device=self.device)
 
     @torch.no_grad()
     def update(self, code: SparseCode) -> None:
@@ -57,8 +58,8 @@ class FeatureTracker:
         return {"tokens_since_fired": self.tokens_since_fired, "density_ema": self.density_ema}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        self.tokens_since_fired = tensors["tokens_since_fired"].clone()
-        self.density_ema = tensors["density_ema"].clone()
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device, copy=True)
+        self.density_ema = tensors["density_ema"].to(self.device, copy=True)
 
 
 class TrainLogger:

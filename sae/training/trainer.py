@@ -25,6 +25,7 @@ from sae.base import GRADS_HINT, SAE
 from sae.batch_items import check_finite
 from sae.calibration import calibrate
 from sae.config import FORMAT_VERSION, TrainConfig
+from sae.devices import resolve_device, to_device
 from sae.distributed import SINGLE_PROCESS, Collectives, centred_sum_of_squares, check_divisible, default_collectives
 from sae.errors import SAEConfigError, SAEDataError, SAETrainingError
 from sae.sparse_code import SparseCode, decode_sparse
@@ -32,7 +33,7 @@ from sae.training.checkpoint import Checkpointer, config_changes, read_checkpoin
 from sae.training.initialization import initialize_from_data
 from sae.training.prefetch import batch_reader
 from sae.training.schedule import default_lr, lr_at
-from sae.training.streams import BatchStream
+from sae.training.streams import BatchStream, DeviceStream
 from sae.training.tracking import FeatureTracker, LogFn, TrainLogger
 
 
@@ -102,9 +103,13 @@ class Trainer:
             k_aux=self.k_aux,
             dead_tokens=dead_tokens,
         )
+        self.device = resolve_device(cfg.device)
+        sae.to(self.device)  # before the optimiser is built over its parameters
+        if self.device.type != "cpu":
+            stream = DeviceStream(stream, self.device)
         self.sae, self.stream, self.log_fn = sae, stream, log_fn
         self.tracker = FeatureTracker(
-            sae.cfg.n_features, dead_tokens, cfg.fire_threshold, sae.cfg.density_ema_beta, self.coll
+            sae.cfg.n_features, dead_tokens, cfg.fire_threshold, sae.cfg.density_ema_beta, self.coll, self.device
         )
         self.optimizer = torch.optim.Adam(
             [p for _, p in sae.named_parameters()],
@@ -189,6 +194,7 @@ class Trainer:
     def train_step(self, step: int, x: Tensor, grads: Tensor | None) -> dict[str, float]:
         """One optimiser step on batch x (and LM gradients); raises before updating on NaN/inf."""
         sae = self.sae
+        x, grads = to_device(x, self.device), to_device(grads, self.device)  # a shared stream's batches (multi_train)
         check_finite(x, grads, f"step {step} (batch {step} of the stream)")
         x_n, g_n, _ = sae.normalize(x, grads)
         rec, aux, code, stats = self.losses(x_n, g_n)
