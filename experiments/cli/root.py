@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dashboard.launch import add_dashboard_parser
-from experiments.cli import analyze, cache, calibrate, demo, evaluate, intervene, push, sweep, train
+from experiments.cli import analyze, cache, calibrate, demo, evaluate, intervene, ioi, push, sweep, train
 from experiments.data_parallel import leave_rank
 from experiments.user_errors import run_user_command
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (cache, train, evaluate, calibrate):
         module.add_parser(sub)
     intervene.add_parsers(sub)  # steer, unlearn
+    ioi.add_parser(sub)
     sweep.add_sweep_parser(sub)
     analyze.add_analyze_parser(sub)
     add_dashboard_parser(sub)
