@@ -176,7 +176,7 @@ def _train_or_reuse(label: str, cfg: RunConfig, log_fn=None) -> tuple[Any, dict[
     """A finished run folder of the same RunConfig is loaded; anything else is trained (resuming checkpoints)."""
     if _finished(cfg):
         model, metrics = sae_lib.load(cfg.out), json.loads((Path(cfg.out) / "eval.json").read_text())
-        if stale_calibration(model, metrics):  # an older rule: recalibrate and score again, no training
+        if stale_calibration(cfg.arch, metrics):  # an older rule: recalibrate and score again, no training
             print(f"[compare] {label}: recalibrating the finished run in {cfg.out} on a spread sample", file=sys.stderr)
             keep = {key: metrics[key] for key in ("shared_stream_runs",) if key in metrics}
             return model, finish_run(cfg, model, float(metrics["train_seconds"]), **keep)
@@ -186,10 +186,10 @@ def _train_or_reuse(label: str, cfg: RunConfig, log_fn=None) -> tuple[Any, dict[
     return train_run(cfg, log_fn=log_fn)
 
 
-def stale_calibration(model: Any, metrics: dict[str, Any]) -> bool:
+def stale_calibration(arch: str, metrics: dict[str, Any]) -> bool:
     """An MC/FC run whose thresholds were calibrated before the current rule: on a contiguous slice instead of
     contexts spread over the training cache, or (FC) without the capacity scale that keeps the mean L0 at k."""
-    if not model.calibration_rule or "calibration" not in metrics:
+    if not sae_lib.get_architecture(arch).calibration_rule or "calibration" not in metrics:
         return False
     record = metrics["calibration"]
     spread = "spread over the training cache" in str(record.get("source", ""))
@@ -213,7 +213,7 @@ def _not_reportable(cfg: RunConfig, with_ce: bool) -> str | None:
     if not _finished(cfg):
         return "not finished"
     metrics = json.loads((Path(cfg.out) / "eval.json").read_text())
-    if stale_calibration(sae_lib.load(cfg.out), metrics):
+    if stale_calibration(cfg.arch, metrics):
         return "calibrated by an older rule (a run without --report-only recalibrates it)"
     if with_ce and "ce_loss_recovered" not in metrics:
         return "no CE/KL yet"
@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m experiments.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--activations", required=True, help="training cache (TopK, MC, FC)")
-    parser.add_argument("--eval-activations", help="held-out cache for every run's metrics and MC/FC calibration")
+    parser.add_argument("--eval-activations",
+                        help="held-out cache for every run's metrics (MC/FC calibrate on the training cache)")
     parser.add_argument("--grads-activations", help="cache with --with-grads for g-SAE and its TopK baseline")
     parser.add_argument("--eval-grads-activations",
                         help="held-out cache with --with-grads: g-SAE is then scored with its gradient rule too")
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-rows", type=int, default=32_768,
                         help="eval-cache rows after the metric rows that score the lr trials")
     parser.add_argument("--eval-tokens", type=int, default=65_536,
-                        help="eval-cache rows for the metrics; MC/FC calibrate on the rows after them")
+                        help="eval-cache rows for the metrics")
     parser.add_argument("--model", default="smollm2-135m", help="for CE/KL; 'none' skips them")
     parser.add_argument("--ce-tokens", type=int, default=4096)
     parser.add_argument("--out", default="runs/compare")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long architecture comparison on the embedded default (SmolLM2-135M, blocks.6.hook_resid_post): caches,
 # then every architecture at each k over several seeds, with a per-architecture learning rate chosen on a
-# validation slice, thresholds calibrated on held-out rows, CE/KL with paired 95% intervals against TopK.
+# validation slice, thresholds calibrated on contexts spread over the training cache, CE/KL with paired 95%
+# intervals against TopK.
 #
 #   nohup bash experiments/long_comparison.sh > runs/long/log.txt 2>&1 &
 #

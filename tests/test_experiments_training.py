@@ -579,8 +579,8 @@ def test_finished_runs_calibrated_by_an_older_rule_are_recalibrated_not_retraine
     # The dictionary is the trained one; only the thresholds were rewritten (to the same values here).
     assert (fc_folder / "sae_weights.safetensors").read_bytes() == weights
     # A record of the current rule is reused as it is, and so is every TopK run.
-    assert not compare.stale_calibration(sae_lib.load(fc_folder), again)
-    assert not compare.stale_calibration(sae_lib.load(runs[0][1].out), old)
+    assert not compare.stale_calibration("feature_choice", again)
+    assert not compare.stale_calibration("topk", old)
 
 
 def test_report_only_leaves_out_runs_it_would_have_to_recalibrate(caches, tmp_path, monkeypatch, capsys):
