@@ -6,6 +6,7 @@ collecting other test modules stays cheap.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import random
@@ -269,3 +270,82 @@ def tiny_hub_sae(folder: Path, hook: str = "blocks.1.hook_resid_post") -> Path:
                       norm_estimation_batches=4, geometric_median_rows=512)
     model.metadata.update(model_name="fake-model", hook_name=hook)
     return model.save(folder)
+
+
+# ---- the import-graph tests' walker (test_imports, test_sae_imports, test_dashboard_imports): read with ast ----
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    """The dotted module name of a file of the repository (a package's __init__.py is the package)."""
+    parts = path.resolve().relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules(package: str) -> dict[str, Path]:
+    """Every module of a first-party package: dotted name -> file."""
+    return {module_name(p): p for p in sorted((REPO / package).rglob("*.py")) if "__pycache__" not in p.parts}
+
+
+def imported_names(tree: ast.Module, module: str, is_package: bool) -> list[tuple[str, ast.AST]]:
+    """Every module name an import anywhere in `tree` may load, with its node: `import a.b` gives a.b;
+    `from a import b` gives a and a.b (b may be a submodule); relative imports are resolved against `module`;
+    importlib.import_module / __import__ with a constant name count too."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: up level - 1 packages from this module's package
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append((base, node))
+            found += [(f"{base}.{alias.name}", node) for alias in node.names if alias.name != "*"]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in {"import_module", "__import__"}:
+                found.append((node.args[0].value, node))
+    return found
+
+
+def nested_nodes(tree: ast.Module) -> set[int]:
+    """ids of the nodes inside a function, class body or lambda (an import there is not at the module's top)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            inside.update(id(inner) for inner in ast.walk(node) if inner is not node)
+    return inside
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle as [a, b, ..., a], or None: depth-first search with white/grey/black marks (grey = on the path)."""
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(graph, white)
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        colour[node] = grey
+        path.append(node)
+        for succ in sorted(graph.get(node, ())):
+            if colour.get(succ, white) == grey:
+                return [*path[path.index(succ):], succ]
+            if colour.get(succ, white) == white:
+                colour.setdefault(succ, white)
+                cycle = visit(succ)
+                if cycle:
+                    return cycle
+        path.pop()
+        colour[node] = black
+        return None
+
+    for start in sorted(graph):
+        if colour[start] == white:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None

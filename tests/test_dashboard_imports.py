@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import find_cycle, imported_names, package_modules
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard"
 PAGES_PACKAGE = "dashboard.views"
@@ -15,38 +16,8 @@ FUNCTION_LOCAL_ALLOWED: set[tuple[str, str]] = set()
 """(module, imported name) pairs allowed inside a function: none (none is worth it at start-up)."""
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(DASHBOARD.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def dashboard_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(DASHBOARD.rglob("*.py")) if "__pycache__" not in p.parts}
-
-
-def imported_names(tree: ast.Module, module: str, is_package: bool) -> list[tuple[str, ast.AST]]:
-    """Every module name an import anywhere in `tree` may load, with its node: `import a.b` gives a.b;
-    `from a import b` gives a and a.b (b may be a submodule); relative imports are resolved against `module`;
-    importlib.import_module / __import__ with a constant name count too."""
-    package = module if is_package else module.rpartition(".")[0]
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, base] if base else anchor)
-            found.append((base, node))
-            found += [(f"{base}.{alias.name}", node) for alias in node.names if alias.name != "*"]
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
-            func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if name in {"import_module", "__import__"}:
-                found.append((node.args[0].value, node))
-    return found
+    return package_modules("dashboard")
 
 
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
@@ -57,35 +28,6 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
         targets = {target for target, _ in imported_names(tree, name, path.name == "__init__.py")}
         graph[name] = {t for t in targets if t in modules and t != name}
     return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A circle as [a, b, ..., a], or None: depth-first search with white/grey/black marks (grey = on the path)."""
-    white, grey, black = 0, 1, 2
-    colour = dict.fromkeys(graph, white)
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        colour[node] = grey
-        path.append(node)
-        for succ in sorted(graph.get(node, ())):
-            if colour.get(succ, white) == grey:
-                return [*path[path.index(succ):], succ]
-            if colour.get(succ, white) == white:
-                colour.setdefault(succ, white)
-                cycle = visit(succ)
-                if cycle:
-                    return cycle
-        path.pop()
-        colour[node] = black
-        return None
-
-    for start in sorted(graph):
-        if colour[start] == white:
-            cycle = visit(start)
-            if cycle:
-                return cycle
-    return None
 
 
 def is_page(module: str) -> bool:

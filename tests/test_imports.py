@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from conftest import find_cycle, imported_names, nested_nodes, package_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("activations", "sae", "experiments", "dashboard")
 FLOOR = {"activations": 0, "sae": 1, "experiments": 2, "dashboard": 3}
@@ -17,35 +19,18 @@ DEFERRED = ("transformer_lens", "transformers", "datasets", "wandb")
 """Third-party packages imported inside functions on purpose: each costs seconds at start-up (docs/ARCHITECTURE.md)."""
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def all_modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    return {name: path for pkg in PACKAGES for name, path in package_modules(pkg).items()}
 
 
-def imports_of(path: Path, name: str) -> list[tuple[str, bool]]:
-    """(imported module, inside a function) for every import statement; relative imports resolved."""
+def imports_of(path: Path, name: str, statements_only: bool = False) -> list[tuple[str, bool]]:
+    """(imported module, inside a function or class) for every import; relative imports resolved. With
+    statements_only, import statements alone (not importlib.import_module calls, which load a module chosen at
+    run time, such as an optional model wheel)."""
     tree = ast.parse(path.read_text())
-    inside: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            inside.update(id(n) for n in ast.walk(node) if n is not node)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, id(node) in inside) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            found.append((base, id(node) in inside))
-            found += [(f"{base}.{alias.name}", id(node) in inside) for alias in node.names]
-    return found
+    inside = nested_nodes(tree)
+    return [(dep, id(node) in inside) for dep, node in imported_names(tree, name, path.name == "__init__.py")
+            if not statements_only or isinstance(node, (ast.Import, ast.ImportFrom))]
 
 
 def graph() -> dict[str, set[str]]:
@@ -56,31 +41,6 @@ def graph() -> dict[str, set[str]]:
 
 def is_entry(name: str) -> bool:
     return any(name == e or name.startswith(e + ".") for e in ENTRY_POINTS)
-
-
-def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    """A cycle as a list of modules, or None (iterative DFS; a package's own __init__ is not an edge to itself)."""
-    state: dict[str, int] = {}
-    for start in edges:
-        if state.get(start):
-            continue
-        stack = [(start, iter(sorted(edges[start])))]
-        path = [start]
-        state[start] = 1
-        while stack:
-            node, children = stack[-1]
-            child = next(children, None)
-            if child is None:
-                state[node] = 2
-                stack.pop()
-                path.pop()
-            elif state.get(child) == 1:
-                return path[path.index(child):] + [child]
-            elif not state.get(child):
-                state[child] = 1
-                stack.append((child, iter(sorted(edges[child]))))
-                path.append(child)
-    return None
 
 
 def test_the_import_walk_sees_the_modules_and_their_edges():
@@ -119,7 +79,7 @@ def test_function_level_imports_only_defer_the_measured_heavy_packages():
     local = sorted(
         f"{name}: {dep}"
         for name, path in all_modules().items()
-        for dep, inside in imports_of(path, name)
+        for dep, inside in imports_of(path, name, statements_only=True)
         if inside and dep.split(".")[0] not in DEFERRED
     )
     assert not local, f"function-level imports of cheap modules: {local}"

@@ -8,11 +8,10 @@ module, else at sae.x.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
+from conftest import find_cycle, imported_names, nested_nodes, package_modules
 
-SAE_DIR = Path(__file__).resolve().parents[1] / "sae"
 APPS = ("experiments", "dashboard", "activations")
 LAYER_BELOW = {("sae.api", "activations.reader")}
 """(module, imported) pairs of sae reaching outside the package: only downward, to the cache reader, when
@@ -21,12 +20,7 @@ LOCAL_IMPORTS_ALLOWED: set[tuple[str, str]] = set()
 """(module, imported) pairs allowed inside a function: none."""
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(SAE_DIR.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-MODULES = {module_name(p): p for p in sorted(SAE_DIR.rglob("*.py"))}
+MODULES = package_modules("sae")
 
 
 def is_package(module: str) -> bool:
@@ -34,25 +28,21 @@ def is_package(module: str) -> bool:
 
 
 def imports_of(module: str) -> list[tuple[str, bool]]:
-    """(imported module, inside a function or class) for every import statement of `module`."""
+    """(imported module, inside a function or class) for every import statement of `module`; `from a import b`
+    counts as a.b when that is an sae module, else as a."""
     tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
-    nested: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-            nested.update(id(inner) for inner in ast.walk(node) if inner is not node)
-    package = module if is_package(module) else module.rpartition(".")[0]
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, id(node) in nested) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: up level - 1 packages from this module's package
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, *([base] if base else [])])
-            for alias in node.names:
-                candidate = f"{base}.{alias.name}"
-                found.append((candidate if candidate in MODULES else base, id(node) in nested))
+    inside = nested_nodes(tree)
+    found, bases = [], set()
+    for name, node in imported_names(tree, module, is_package(module)):
+        if isinstance(node, ast.ImportFrom):
+            if id(node) not in bases:  # the statement's own base comes first; each imported name stands for it
+                bases.add(id(node))
+                if all(alias.name == "*" for alias in node.names):
+                    found.append((name, id(node) in inside))
+                continue
+            if name not in MODULES:
+                name = name.rpartition(".")[0]
+        found.append((name, id(node) in inside))
     return found
 
 
@@ -67,30 +57,6 @@ def internal_graph() -> dict[str, set[str]]:
                 if target != module:
                     graph[module].add(target)
     return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A cycle as [a, b, ..., a], or None: depth-first search with white/grey/black marks."""
-    GREY, BLACK = 1, 2
-    mark: dict[str, int] = {}
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        mark[node] = GREY
-        path.append(node)
-        for nxt in sorted(graph[node]):
-            if mark.get(nxt) == GREY:
-                return path[path.index(nxt) :] + [nxt]
-            if nxt not in mark and (cycle := visit(nxt)):
-                return cycle
-        path.pop()
-        mark[node] = BLACK
-        return None
-
-    for start in sorted(graph):
-        if start not in mark and (cycle := visit(start)):
-            return cycle
-    return None
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
