@@ -87,7 +87,7 @@ def train_many(
     train_together(trainers, stream)
     seconds = time.perf_counter() - started
     return [
-        (trainer.sae, finish_run(cfg, trainer.sae, seconds, shared_stream_runs=len(configs)))
+        (trainer.sae, finish_run(cfg, trainer.sae, seconds, cache, shared_stream_runs=len(configs)))
         for cfg, trainer in zip(configs, trainers, strict=True)
     ]
 

@@ -232,27 +232,31 @@ def calibration_rows(cfg: RunConfig) -> int:
     return int(cfg.options.get("calibration_rows", TrainConfig.calibration_rows))
 
 
-def calibrate_run(cfg: RunConfig, model: sae_lib.SAE) -> None:
+def calibrate_run(cfg: RunConfig, model: sae_lib.SAE, cache: activations.ActivationCache | None = None) -> None:
     """Calibrate MC/FC thresholds on whole contexts spread evenly over the training cache.
 
     Spread, because per-latent thresholds follow the documents of their sample: calibrated on the held-out rows
     after the metric rows (a few documents), Feature-Choice reached L0 35.3 instead of 32 on the metric rows;
-    spread over the training cache, 31.9-32.0 (docs/ALGORITHMS.md §2). The metric rows stay unseen.
+    spread over the training cache, 31.9-32.0 (docs/ALGORITHMS.md §2). The metric rows stay unseen. cache: the
+    training cache the run already opened (its shards checksummed once), else opened here.
     """
     count = calibration_rows(cfg) if model.calibration_rule else 0
     if not count:
         return
-    cache = activations.load_cache(cfg.activations)
+    cache = cache or activations.load_cache(cfg.activations)
     rows, n_contexts = cache.spread_rows(count, hook=cfg.hook)
     sae_lib.calibrate(model, rows, max_rows=count, train_batch_size=cfg.batch_size,
                       source=f"{cfg.activations}: {rows.shape[0]} rows of {n_contexts} contexts spread over the "
                              "training cache")
 
 
-def finish_run(cfg: RunConfig, model: sae_lib.SAE, seconds: float, **extra: Any) -> dict[str, Any]:
-    """Calibrate thresholds, save the trained SAE, evaluate it, write eval.json (atomically)."""
+def finish_run(
+    cfg: RunConfig, model: sae_lib.SAE, seconds: float, cache: activations.ActivationCache | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Calibrate thresholds, save the trained SAE, evaluate it, write eval.json (atomically); `extra` goes into
+    eval.json, `cache` is the training cache when the caller has it open (see calibrate_run)."""
     out = Path(cfg.out)
-    calibrate_run(cfg, model)
+    calibrate_run(cfg, model, cache)
     model.save(out)
     metrics = evaluate_run(model, cfg)
     if model.training_info.get("calibration"):
@@ -289,7 +293,7 @@ def train_run(cfg: RunConfig, log_fn=None) -> tuple[sae_lib.SAE, dict[str, Any]]
     if not trainer.coll.is_main:
         return model, {}
     extra = {"data_parallel_ranks": trainer.coll.world_size} if trainer.coll.world_size > 1 else {}
-    return model, finish_run(cfg, model, time.perf_counter() - started, **extra)
+    return model, finish_run(cfg, model, time.perf_counter() - started, cache, **extra)
 
 
 def is_main_process() -> bool:
