@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import activations
 import sae as sae_lib
 from activations.storage import atomic_write_bytes, atomic_write_json
-from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_loop, sae_in_the_loop
+from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_loop, saes_in_the_loop
 from experiments.training import RunConfig, finish_run, json_safe, train_run
 from experiments.user_errors import run_user_command
 from sae.errors import SAEConfigError
@@ -51,6 +51,7 @@ COLUMNS = (  # header, metric key, format
     ("CE recovered", "ce_loss_recovered", "{:.3f}"),
     ("ΔCE", "delta_ce", "{:.4f}"),
     ("KL", "kl_div", "{:.4f}"),
+    ("CE tokens", "ce_eval_tokens", "{:,}"),
     ("train tok/s", "train_tokens_per_s", "{:,.0f}"),
 )
 
@@ -208,15 +209,15 @@ def _finished(cfg: RunConfig) -> bool:
     return before == now
 
 
-def _not_reportable(cfg: RunConfig, with_ce: bool) -> str | None:
-    """Why a run cannot go into a --report-only report as it is (None when it can)."""
+def _not_reportable(cfg: RunConfig, ce_tokens: int) -> str | None:
+    """Why a run cannot go into a --report-only report as it is (None when it can); ce_tokens 0: no CE/KL."""
     if not _finished(cfg):
         return "not finished"
     metrics = json.loads((Path(cfg.out) / "eval.json").read_text())
     if stale_calibration(cfg.arch, metrics):
         return "calibrated by an older rule (a run without --report-only recalibrates it)"
-    if with_ce and "ce_loss_recovered" not in metrics:
-        return "no CE/KL yet"
+    if ce_tokens and not has_ce(metrics, ce_contexts(cfg, ce_tokens)):
+        return f"no CE/KL on {ce_contexts(cfg, ce_tokens)} contexts yet"
     return None
 
 
@@ -226,27 +227,27 @@ def run_comparison(
     """Train (or reuse a finished run), evaluate, and add CE/KL with the model (a name, an object or None).
 
     A g-SAE gives two rows: its gradient rule and plain TopK at inference. Resumable: a run whose folder
-    holds eval.json for the same RunConfig is reused, and CE/KL once computed are kept in eval.json.
+    holds eval.json for the same RunConfig is reused, and CE/KL once computed on at least as many contexts
+    are kept in eval.json. CE/KL are computed after training, for every run on the same held-out contexts
+    at once (one clean and one zero-ablated run per batch; see add_ce).
     report_only: compute nothing; leave out runs that have not finished, that a rerun would recalibrate, or
     that lack the CE/KL this report would add (so it can run beside the comparison that is filling them in).
     """
     if isinstance(model, str):
         model = activations.load_model(model)
-    rows = []
+    done = []
     bar = tqdm(runs, desc="compare", unit="run", disable=len(runs) < 2)
     for label, cfg in bar:
         bar.set_postfix_str(f"{label} k={cfg.k} seed={cfg.seed}")
-        eval_path = Path(cfg.out) / "eval.json"
-        if report_only and (why := _not_reportable(cfg, model is not None)):
+        if report_only and (why := _not_reportable(cfg, ce_tokens if model is not None else 0)):
             print(f"[compare] {label} k={cfg.k} seed {cfg.seed}: {why}, left out of the report", file=sys.stderr)
             continue
         trained, metrics = _train_or_reuse(label, replace(cfg, progress=cfg.progress and len(runs) < 2), log_fn)
-        if model is not None and "ce_loss_recovered" not in metrics:
-            cache = activations.load_cache(cfg.eval_activations or cfg.activations)
-            n_ctx = max(1, -(-ce_tokens // int(cache.manifest["context"])))
-            tokens = np.asarray(cache.tokens[:n_ctx])
-            merge_in_the_loop(metrics, sae_in_the_loop(model, trained, cfg.hook or cache.hooks[0], tokens))
-            atomic_write_json(eval_path, json_safe(metrics))
+        done.append((label, cfg, trained, metrics))
+    if model is not None and not report_only:
+        add_ce(done, model, ce_tokens)
+    rows = []
+    for label, cfg, _, metrics in done:
         row = _row(label, cfg, metrics)
         rows.append(row)
         if "plain_topk" in metrics:  # g-SAE under plain TopK: the same dictionary, the other rule
@@ -254,6 +255,43 @@ def run_comparison(
             rows.append({**_row(label, cfg, plain), "run": f"{label} ({PLAIN_TOPK_RULE})"})
             row["run"] = f"{label} ({metrics.get('selection_rule', GRADIENT_RULE)})"
     return rows
+
+
+def ce_contexts(cfg: RunConfig, ce_tokens: int) -> int:
+    """Held-out contexts CE/KL use for this run: enough for ce_tokens, at most what its eval cache holds."""
+    cache = activations.load_cache(cfg.eval_activations or cfg.activations)
+    return min(len(cache.tokens), max(1, -(-ce_tokens // int(cache.manifest["context"]))))
+
+
+def has_ce(metrics: dict[str, Any], n_contexts: int) -> bool:
+    """CE/KL are in eval.json, from at least n_contexts contexts (runs before ce_contexts was recorded: 127
+    scored positions per 128-token context)."""
+    if "ce_loss_recovered" not in metrics:
+        return False
+    return int(metrics.get("ce_contexts", int(metrics.get("ce_eval_tokens", 0)) // 127)) >= n_contexts
+
+
+def add_ce(done: list[tuple[str, RunConfig, Any, dict[str, Any]]], model: Any, ce_tokens: int) -> None:
+    """CE/KL for every run that lacks them, written into its eval.json. Runs on the same eval cache and hook
+    are scored together on the same first contexts (paired with their TopK), sharing the clean and the
+    zero-ablated forward; a gradient SAE's group computes the clean loss gradient, the others do not."""
+    groups: dict[tuple[str, str, bool, int], list[tuple[RunConfig, Any, dict[str, Any]]]] = {}
+    for _, cfg, trained, metrics in done:
+        n_ctx = ce_contexts(cfg, ce_tokens)
+        if has_ce(metrics, n_ctx):
+            continue
+        source = cfg.eval_activations or cfg.activations
+        hook = cfg.hook or activations.load_cache(source).hooks[0]
+        groups.setdefault((source, hook, bool(trained.needs_grads), n_ctx), []).append((cfg, trained, metrics))
+    for (source, hook, grads, n_ctx), members in groups.items():
+        tokens = np.asarray(activations.load_cache(source).tokens[:n_ctx])
+        print(f"[compare] CE/KL of {len(members)} run(s) on {n_ctx} contexts of {source}"
+              f"{' with the clean loss gradient' if grads else ''}", file=sys.stderr)
+        results = saes_in_the_loop(model, {cfg.out: trained for cfg, trained, _ in members}, hook, tokens,
+                                   progress=True)
+        for cfg, _, metrics in members:
+            merge_in_the_loop(metrics, results[cfg.out])
+            atomic_write_json(Path(cfg.out) / "eval.json", json_safe(metrics))
 
 
 def _row(label: str, cfg: RunConfig, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -379,6 +417,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         references = [BASELINE[on_grads]] + ([ABLATION[run]] if run in ABLATION else [])
         summary: dict[str, Any] = {"run": run, "k": k, "seeds": sorted(seeds), "baseline": references[0],
                                    "references": [r for r in references if r != run]}
+        scored = [r["ce_eval_tokens"] for r in seeds.values() if r.get("ce_eval_tokens")]
+        summary["ce_eval_tokens"] = min(scored) if scored else None  # the fewest any seed's CE/KL used
         for key, _, _ in SUMMARY_METRICS:
             values = [r[key] for r in seeds.values() if _number(r.get(key))]
             if values:
@@ -443,6 +483,8 @@ CLAIMS = (  # claim of the seed papers, run, reference ("" for an absolute value
      "mutual_choice", "fvu", "lower"),
 )
 """Each claim is judged on the 95% interval of the paired difference (or of the value, for "zero")."""
+CE_KEYS = ("delta_ce", "ce_loss_recovered", "kl_div")
+"""Metrics with the model in the loop: the claims table names how many held-out tokens they were scored on."""
 ZERO_DEAD = 0.01
 """'≈ 0 dead' is reproduced when the interval's upper end stays below 1% of the latents."""
 
@@ -477,6 +519,8 @@ def claims_table(summaries: list[dict[str, Any]]) -> str:
                 shown += f" ± {value[1]:.4f}"
             if not ref and value is not None:
                 shown = shown.lstrip("+")
+            if key in CE_KEYS and s.get("ce_eval_tokens"):
+                shown += f" ({s['ce_eval_tokens']:,} tokens)"
             lines.append(f"| {claim} | {k} | {run}{' − ' + ref if ref else ''} ({key}) | {shown} | "
                          f"{len(s['seeds'])} | {verdict(value, better)} |")
     return "\n".join(lines) + "\n"
@@ -545,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=65_536,
                         help="eval-cache rows for the metrics")
     parser.add_argument("--model", default="smollm2-135m", help="for CE/KL; 'none' skips them")
-    parser.add_argument("--ce-tokens", type=int, default=4096)
+    parser.add_argument("--ce-tokens", type=int, default=4096,
+                        help="held-out tokens for CE/KL (whole contexts, at most the eval cache); every run is scored "
+                             "on the same first contexts, together with the others on that cache; a run scored on "
+                             "fewer contexts is scored again")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--wandb", action="store_true", help="log each run to W&B")
     parser.add_argument("--report-only", action="store_true",

@@ -14,11 +14,14 @@ evaluation tokens) and "plain TopK at inference" (no gradient), and every report
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import activations
 import sae as sae_lib
@@ -38,29 +41,25 @@ def selection_rule(sae_model, with_grads: bool) -> str:
     return "thresholds (JumpReLU)" if sae_model.calibration_rule else "TopK"
 
 
-def _splice(hook_name: str, replace: Reconstruct, keep: torch.Tensor, grads: torch.Tensor | None):
-    """A forward hook that swaps the activation at the ``keep`` positions for ``replace(rows, grads)``."""
-
-    def hook(act: torch.Tensor, hook) -> torch.Tensor:
-        shape = act.shape
-        rows = act.reshape(shape[0], shape[1], -1)
-        new = rows.clone()
-        g = None if grads is None else grads.reshape(shape[0], shape[1], -1)[keep]
-        new[keep] = replace(rows[keep], g).to(rows.dtype)
-        return new.reshape(shape)
-
-    return (hook_name, hook)
-
-
 def _zeros(rows: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros_like(rows)
 
 
-def ce_and_kl(logits: torch.Tensor, clean_logprobs: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
-    """Summed next-token CE and summed KL(clean || new) over masked positions."""
+def clean_reference(clean_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean run's next-token probabilities and their Σ p·log p per position, computed once per batch and
+    shared by every splice's KL (which then costs one log-softmax and one contraction)."""
+    logprobs = clean_logits[:, :-1].float().log_softmax(-1)
+    probs = logprobs.exp()
+    return probs, torch.einsum("bpv,bpv->bp", probs, logprobs)
+
+
+def ce_and_kl(logits: torch.Tensor, clean: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
+              mask: torch.Tensor) -> tuple[float, float]:
+    """Summed next-token CE and summed KL(clean || new) over masked positions; clean from clean_reference."""
+    probs, neg_entropy = clean
     logprobs = logits[:, :-1].float().log_softmax(-1)
     nll = -logprobs.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-    kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+    kl = neg_entropy - torch.einsum("bpv,bpv->bp", probs, logprobs)
     return float((nll * mask).sum()), float((kl * mask).sum())
 
 
@@ -82,44 +81,84 @@ def clean_logits_and_hook_grads(model, hook_name: str, tokens: torch.Tensor, bos
     return logits.detach(), grads
 
 
+_RESIDUAL_HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def restart_layer(model, hook_name: str) -> int | None:
+    """The block a forward can restart at with the activation at this hook as its residual stream, or None.
+
+    For ``blocks.L.hook_resid_post`` (L+1) and ``blocks.L.hook_resid_pre`` (L) of a transformer_lens model the
+    prefix up to the hook is the same for the clean run and every splice, so it is computed once per batch and
+    each splice runs only the blocks after it (``start_at_layer``).
+    """
+    match = _RESIDUAL_HOOK.match(hook_name)
+    if match is None or not hasattr(model, "blocks"):
+        return None
+    return int(match.group(1)) + (match.group(2) == "post")
+
+
+def _replaced(rows: torch.Tensor, replace: Reconstruct, keep: torch.Tensor, grads: torch.Tensor | None):
+    """rows [batch, pos, ...] with the ``keep`` positions swapped for ``replace(rows, grads)``."""
+    shape = rows.shape
+    flat = rows.reshape(shape[0], shape[1], -1)
+    new = flat.clone()
+    g = None if grads is None else grads.reshape(shape[0], shape[1], -1)[keep]
+    new[keep] = replace(flat[keep], g).to(flat.dtype)
+    return new.reshape(shape)
+
+
+def _spliced_logits(model, hook_name: str, split: int | None, inputs: torch.Tensor, replace: Reconstruct,
+                    at: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
+    """Logits with the activation at the ``at`` positions replaced: from the shared residual ``inputs`` (split)
+    or by a hook on a full forward of the tokens ``inputs``."""
+    if split is not None:
+        return model(_replaced(inputs, replace, at, grads), start_at_layer=split)
+    return model.run_with_hooks(inputs, fwd_hooks=[(hook_name, lambda act, hook: _replaced(act, replace, at, grads))])
+
+
 @torch.no_grad()
-def model_in_the_loop(
+def in_the_loop_reports(
     model,
     hook: HookSpec,
-    reconstruct: Callable[[torch.Tensor], torch.Tensor] | dict[str, Reconstruct],
+    named: dict[str, Reconstruct],
     tokens: np.ndarray,
     bos_id: int,
     batch_size: int = 16,
     with_grads: bool = False,
     zero_ablate_bos: bool = False,
-) -> dict:
-    """CE of the clean model, with each reconstruction spliced in, and with the hook zero-ablated.
+    progress: bool = False,
+) -> dict[str, dict]:
+    """CE of the clean model, with each named reconstruction spliced in, and with the hook zero-ablated.
 
-    reconstruct: one function of the rows, or named functions of (rows, clean gradient or None); the
-    clean and zero-ablated runs are shared. with_grads: compute the clean loss gradient at the hook
-    (one backward per batch) and pass it. Returns the metrics of the first (or only) reconstruction,
-    with the others under their names.
+    The clean and zero-ablated runs (and, at a residual-stream hook, the forward up to the hook) are shared by
+    every reconstruction, so scoring many SAEs on the same tokens costs one splice forward each. named: functions
+    of (rows, clean gradient or None). with_grads: compute the clean loss gradient at the hook (one backward per
+    batch, through the whole model) and pass it. Returns one report per name.
     """
-    named = reconstruct if isinstance(reconstruct, dict) else {"sae": lambda rows, g: reconstruct(rows)}
     totals = {"clean": 0.0, "zero": 0.0, "kl_zero": 0.0, "n": 0.0}
     totals.update({f"{key}_{name}": 0.0 for name in named for key in ("ce", "kl")})
-    for b0 in range(0, tokens.shape[0], batch_size):
+    split = None if with_grads else restart_layer(model, hook.name)
+    starts = range(0, tokens.shape[0], batch_size)
+    for b0 in tqdm(starts, desc="CE/KL", unit="batch", disable=not progress or len(starts) < 2):
         x = torch.from_numpy(np.asarray(tokens[b0 : b0 + batch_size]).astype(np.int64))
         keep = x != bos_id
         mask = (x[:, 1:] != bos_id).float()
+        grads, inputs = None, x
         if with_grads:
             clean, grads = clean_logits_and_hook_grads(model, hook.name, x, bos_id)
+        elif split is None:
+            clean = model(x)
         else:
-            clean, grads = model(x), None
-        clean_lp = clean[:, :-1].float().log_softmax(-1)
+            inputs = model(x, stop_at_layer=split)  # the residual stream at the hook, shared by every splice
+            clean = model(inputs, start_at_layer=split)
+        spliced = partial(_spliced_logits, model, hook.name, split, inputs)
+        clean_lp = clean_reference(clean)
         totals["clean"] += ce_and_kl(clean, clean_lp, x, mask)[0]
         for name, fn in named.items():
-            spliced = model.run_with_hooks(x, fwd_hooks=[_splice(hook.name, fn, keep, grads)])
-            ce, kl = ce_and_kl(spliced, clean_lp, x, mask)
+            ce, kl = ce_and_kl(spliced(fn, keep, grads), clean_lp, x, mask)
             totals[f"ce_{name}"] += ce
             totals[f"kl_{name}"] += kl
-        zero_at = torch.ones_like(keep) if zero_ablate_bos else keep
-        ce_zero, kl_zero = ce_and_kl(model.run_with_hooks(x, fwd_hooks=[_splice(hook.name, _zeros, zero_at, None)]),
+        ce_zero, kl_zero = ce_and_kl(spliced(_zeros, torch.ones_like(keep) if zero_ablate_bos else keep, None),
                                      clean_lp, x, mask)
         totals["zero"] += ce_zero
         totals["kl_zero"] += kl_zero
@@ -139,35 +178,75 @@ def model_in_the_loop(
             "kl_div_zero": kl_zero,
             "kl_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 0 else float("nan"),
             "ce_eval_tokens": int(totals["n"]),
+            "ce_contexts": int(tokens.shape[0]),
             "zero_ablate_bos": zero_ablate_bos,
         }
+    return reports
+
+
+def model_in_the_loop(
+    model,
+    hook: HookSpec,
+    reconstruct: Callable[[torch.Tensor], torch.Tensor] | dict[str, Reconstruct],
+    tokens: np.ndarray,
+    bos_id: int,
+    batch_size: int = 16,
+    with_grads: bool = False,
+    zero_ablate_bos: bool = False,
+) -> dict:
+    """in_the_loop_reports for one function of the rows, or named functions of (rows, gradient or None):
+    the metrics of the first (or only) reconstruction, with the others under their names."""
+    named = reconstruct if isinstance(reconstruct, dict) else {"sae": lambda rows, g: reconstruct(rows)}
+    reports = in_the_loop_reports(model, hook, named, tokens, bos_id, batch_size, with_grads, zero_ablate_bos)
     first, *others = named
     return {**reports[first], **{name: reports[name] for name in others}}
 
 
-def sae_in_the_loop(model, sae_model, hook: str, token_ids: np.ndarray, zero_ablate_bos: bool = False) -> dict:
-    """model_in_the_loop with an SAE's reconstruction, after checking it fits the model's hook.
-
-    A gradient SAE is scored with its gradient rule (main keys) and as plain TopK (under "plain_topk").
-    """
+def check_fits(model, sae_model, hook: str) -> HookSpec:
+    """The model's hook spec, after checking the SAE's width matches it."""
     spec = resolve_hooks(model, [hook])[0]
     if spec.d_in != sae_model.cfg.d_in:
         raise SAEDataError(
             f"the SAE has d_in={sae_model.cfg.d_in} but {model.cfg.model_name} has width {spec.d_in} at {hook}"
         )
+    return spec
 
-    def with_rule(use_grads: bool) -> Reconstruct:
+
+def saes_in_the_loop(model, saes: dict[str, Any], hook: str, token_ids: np.ndarray, zero_ablate_bos: bool = False,
+                     progress: bool = False) -> dict[str, dict]:
+    """CE/KL of several SAEs at one hook on the same tokens, sharing the clean and zero-ablated runs.
+
+    A gradient SAE is scored with its gradient rule (main keys) and as plain TopK (under "plain_topk"); the
+    clean loss gradient is computed when any SAE needs it. Returns one sae_in_the_loop result per name.
+    """
+    spec = [check_fits(model, s, hook) for s in saes.values()][0]
+
+    def with_rule(sae_model, use_grads: bool) -> Reconstruct:
         return lambda rows, g: sae_model(rows, g.to(rows.dtype) if use_grads else None).to(rows.dtype)
 
-    named = {"sae": with_rule(sae_model.needs_grads)}
-    if sae_model.needs_grads:
-        named["plain_topk"] = with_rule(False)
-    result = model_in_the_loop(model, spec, named, token_ids, int(model.tokenizer.bos_token_id),
-                               with_grads=sae_model.needs_grads, zero_ablate_bos=zero_ablate_bos)
-    result["ce_selection_rule"] = selection_rule(sae_model, sae_model.needs_grads)
-    if "plain_topk" in result:
-        result["plain_topk"]["ce_selection_rule"] = PLAIN_TOPK_RULE
-    return result
+    named = {}
+    for name, s in saes.items():
+        named[name] = with_rule(s, s.needs_grads)
+        if s.needs_grads:
+            named[f"{name} / {PLAIN_TOPK_RULE}"] = with_rule(s, False)
+    with_grads = any(s.needs_grads for s in saes.values())
+    reports = in_the_loop_reports(model, spec, named, token_ids, int(model.tokenizer.bos_token_id),
+                                  with_grads=with_grads, zero_ablate_bos=zero_ablate_bos, progress=progress)
+    results = {}
+    for name, s in saes.items():
+        results[name] = {**reports[name], "ce_selection_rule": selection_rule(s, s.needs_grads)}
+        if s.needs_grads:
+            plain = reports[f"{name} / {PLAIN_TOPK_RULE}"]
+            results[name]["plain_topk"] = {**plain, "ce_selection_rule": PLAIN_TOPK_RULE}
+    return results
+
+
+def sae_in_the_loop(model, sae_model, hook: str, token_ids: np.ndarray, zero_ablate_bos: bool = False) -> dict:
+    """CE/KL with an SAE's reconstruction spliced in, after checking it fits the model's hook.
+
+    A gradient SAE is scored with its gradient rule (main keys) and as plain TopK (under "plain_topk").
+    """
+    return saes_in_the_loop(model, {"sae": sae_model}, hook, token_ids, zero_ablate_bos)["sae"]
 
 
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:

@@ -20,7 +20,9 @@ KS=${KS:-"32 16 64"}                 # k=32 first: the claim table
 SEEDS=${SEEDS:-"0 1 2"}
 TOKENS=${TOKENS:-524288}              # per run: half a pass over the training cache (each row seen once)
 GRADS_TOKENS=${GRADS_TOKENS:-196608}  # g-SAE and its TopK baseline: two passes over the gradient cache
-CE_TOKENS=${CE_TOKENS:-4096}
+CE_TOKENS=${CE_TOKENS:-4096}          # CE/KL of every run (the Pareto curves over k)
+CLAIM_CE_TOKENS=${CLAIM_CE_TOKENS:-102400}  # CE/KL of the claim table's k: 800 contexts, 101,600 scored tokens
+CLAIM_K=${KS%% *}                     # the first k: the claim table (and the learning-rate choice)
 
 # contexts of 128 tokens: training 8594, held-out 1024, held-out with gradients 128, gradients 768
 $BIN/saewb cache --hooks $HOOK --tokens 1100000 --out $OUT/cache --quiet
@@ -30,10 +32,19 @@ $BIN/saewb cache --hooks $HOOK --tokens 16384 --skip-contexts 9618 --with-grads 
 $BIN/saewb cache --hooks $HOOK --tokens 98304 --skip-contexts 9746 --with-grads --batch-size 16 \
     --out $OUT/cache-grads --quiet
 
-# shellcheck disable=SC2086  # KS and SEEDS are lists
-$BIN/python -m experiments.compare \
-    --activations $OUT/cache --eval-activations $OUT/cache-eval \
-    --grads-activations $OUT/cache-grads --eval-grads-activations $OUT/cache-eval-grads \
-    --n-features "$N_FEATURES" --k $KS --seeds $SEEDS --total-tokens "$TOKENS" --grads-total-tokens "$GRADS_TOKENS" \
-    --lr-multipliers 0.5 1 2 --lr-select-tokens 131072 --eval-tokens 65536 --validation-rows 32768 --ce-tokens "$CE_TOKENS" \
-    --out $OUT/compare
+compare() {
+    # shellcheck disable=SC2086  # KS and SEEDS are lists
+    $BIN/python -m experiments.compare \
+        --activations $OUT/cache --eval-activations $OUT/cache-eval \
+        --grads-activations $OUT/cache-grads --eval-grads-activations $OUT/cache-eval-grads \
+        --n-features "$N_FEATURES" --seeds $SEEDS --total-tokens "$TOKENS" --grads-total-tokens "$GRADS_TOKENS" \
+        --lr-multipliers 0.5 1 2 --lr-select-tokens 131072 --eval-tokens 65536 --validation-rows 32768 \
+        --out $OUT/compare "$@"
+}
+# Every run, CE/KL on CE_TOKENS; then the claim table's k again on CLAIM_CE_TOKENS (all its runs scored together,
+# one shared clean forward per batch; g-SAE and its TopK on the whole held-out gradient cache); then the report.
+# shellcheck disable=SC2086
+compare --k $KS --ce-tokens "$CE_TOKENS"
+compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS"
+# shellcheck disable=SC2086
+compare --k $KS --ce-tokens "$CE_TOKENS" --report-only

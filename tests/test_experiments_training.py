@@ -18,7 +18,16 @@ from experiments.cli import main
 from experiments.cli.demo import serve_dashboard
 from experiments.compare import markdown_table, plan_runs
 from experiments.demo import DemoConfig
-from experiments.evaluation import model_in_the_loop
+from experiments import evaluation
+from experiments.evaluation import (
+    ce_and_kl,
+    clean_reference,
+    in_the_loop_reports,
+    model_in_the_loop,
+    restart_layer,
+    sae_in_the_loop,
+    saes_in_the_loop,
+)
 from experiments.training import RunConfig, load_run_config, run_config_from_dict, train_run
 
 HOOK = "blocks.1.hook_resid_post"
@@ -304,7 +313,7 @@ def test_comparison_plan_and_table(tmp_path):
     )
     lines = table.splitlines()
     assert lines[0].startswith("| run | data | L0 |") and lines[1].startswith("|---|")
-    assert lines[2] == "| topk | cache | 32.0 | – | 0.1235 | – | 0.500 | – | – | – | – | – | – | 12,346 |"
+    assert lines[2] == "| topk | cache | 32.0 | – | 0.1235 | – | 0.500 | – | – | – | – | – | – | – | 12,346 |"
     assert plan_runs(base, None)[4][1].options == {"aux_loss": "aux_zipf"}
     assert plan_runs(base, None)[3][1].options == {"fc_capacity": "zipf"}
 
@@ -439,8 +448,6 @@ def test_evaluation_gradients_equal_the_cached_gradients(hf_model, caches):
 
 
 def test_ce_of_a_g_sae_is_reported_for_both_rules(hf_model, caches, tmp_path):
-    from experiments.evaluation import sae_in_the_loop
-
     model, _ = train_run(run_cfg(caches, tmp_path, arch="gradient_topk", eval_activations=str(caches[0]),
                                  total_tokens=1024))
     tokens = np.asarray(load_cache(caches[1]).tokens[:4])
@@ -452,6 +459,53 @@ def test_ce_of_a_g_sae_is_reported_for_both_rules(hf_model, caches, tmp_path):
     assert both["plain_topk"]["ce_loss_sae"] == pytest.approx(plain["ce_loss_sae"], rel=1e-6)
     assert both["ce_loss_sae"] != pytest.approx(plain["ce_loss_sae"], rel=1e-6)
     assert both["ce_loss_clean"] == pytest.approx(plain["ce_loss_clean"], rel=1e-6)  # one clean run serves both
+
+
+def test_splices_restart_after_the_shared_prefix_and_match_the_hooked_forward(hf_model, caches, monkeypatch):
+    """At a residual hook every splice runs only the blocks after it; CE and KL equal those of a hooked full
+    forward per splice (to float tolerance), for several reconstructions at once and the zero ablation."""
+    assert restart_layer(hf_model, HOOK) == 2
+    assert restart_layer(hf_model, "blocks.1.hook_resid_pre") == 1
+    assert restart_layer(hf_model, "blocks.1.mlp.hook_post") is None
+    spec = resolve_hooks(hf_model, [HOOK])[0]
+    tokens = np.asarray(load_cache(caches[1]).tokens[:6])
+    bos = int(hf_model.tokenizer.bos_token_id)
+    named = {"half": lambda rows, g: 0.5 * rows, "noisy": lambda rows, g: rows + 0.1 * torch.sin(rows)}
+    shared = in_the_loop_reports(hf_model, spec, named, tokens, bos, batch_size=4)
+    monkeypatch.setattr(evaluation, "restart_layer", lambda model, hook: None)
+    hooked = in_the_loop_reports(hf_model, spec, named, tokens, bos, batch_size=4)
+    for name in named:
+        assert shared[name]["ce_contexts"] == 6 and shared[name]["ce_eval_tokens"] == hooked[name]["ce_eval_tokens"]
+        for key in ("ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "kl_div", "kl_div_zero"):
+            assert shared[name][key] == pytest.approx(hooked[name][key], rel=1e-5, abs=1e-6), (name, key)
+    assert shared["half"]["ce_loss_sae"] != pytest.approx(shared["noisy"]["ce_loss_sae"], rel=1e-4)
+
+
+def test_ce_and_kl_from_the_shared_clean_reference_match_float64():
+    gen = torch.Generator().manual_seed(0)
+    clean, new = (3 * torch.randn(2, 7, 50, generator=gen) for _ in range(2))
+    tokens = torch.randint(0, 50, (2, 7), generator=gen)
+    mask = (torch.rand(2, 6, generator=gen) > 0.3).float()
+    ce, kl = ce_and_kl(new, clean_reference(clean), tokens, mask)
+    p64, q64 = clean[:, :-1].double().log_softmax(-1), new[:, :-1].double().log_softmax(-1)
+    want_kl = ((p64.exp() * (p64 - q64)).sum(-1) * mask.double()).sum()
+    want_ce = (-q64.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1) * mask.double()).sum()
+    assert ce == pytest.approx(float(want_ce), rel=1e-6) and kl == pytest.approx(float(want_kl), rel=1e-5)
+    assert ce_and_kl(clean, clean_reference(clean), tokens, mask)[1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_several_saes_scored_together_equal_each_scored_alone(hf_model, caches, tmp_path):
+    """saes_in_the_loop shares the clean and zero runs; each SAE's numbers are those of sae_in_the_loop alone."""
+    tokens = np.asarray(load_cache(caches[1]).tokens[:4])
+    a, _ = train_run(run_cfg(caches, tmp_path / "a", total_tokens=1024))
+    b, _ = train_run(run_cfg(caches, tmp_path / "b", arch="mutual_choice", total_tokens=1024))
+    together = saes_in_the_loop(hf_model, {"a": a, "b": b}, HOOK, tokens)
+    for name, model in (("a", a), ("b", b)):
+        alone = sae_in_the_loop(hf_model, model, HOOK, tokens)
+        assert together[name]["ce_loss_sae"] == pytest.approx(alone["ce_loss_sae"], rel=1e-6)
+        assert together[name]["kl_div"] == pytest.approx(alone["kl_div"], rel=1e-6, abs=1e-9)
+    assert together["a"]["ce_selection_rule"] == "TopK"
+    assert together["b"]["ce_selection_rule"] == "thresholds (JumpReLU)"
 
 
 def test_zero_ablation_of_bos_is_an_option(hf_model, caches):
@@ -600,6 +654,36 @@ def test_report_only_leaves_out_runs_it_would_have_to_recalibrate(caches, tmp_pa
     err = capsys.readouterr().err
     assert "calibrated by an older rule (a run without --report-only recalibrates it), left out" in err
     assert json.loads(eval_path.read_text()) == old
+
+
+def test_comparison_scores_ce_of_all_runs_together_and_again_only_on_more_contexts(
+    hf_model, caches, tmp_path, monkeypatch, capsys
+):
+    import experiments.compare as compare
+
+    base = run_cfg(caches, tmp_path, total_tokens=512)
+    runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "mutual_choice"])
+    calls = []
+    real = compare.saes_in_the_loop
+
+    def counted(model, saes, *args, **kwargs):
+        calls.append(sorted(saes))
+        return real(model, saes, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "saes_in_the_loop", counted)
+    rows = compare.run_comparison(runs, hf_model, 2 * CONTEXT)
+    assert calls == [sorted(cfg.out for _, cfg in runs)]  # one shared pass for both runs
+    for (_, cfg), row in zip(runs, rows, strict=True):
+        saved = json.loads((Path(cfg.out) / "eval.json").read_text())
+        assert saved["ce_contexts"] == 2 and row["ce_eval_tokens"] == saved["ce_eval_tokens"] > 0
+    assert rows[0]["ce_loss_clean"] == rows[1]["ce_loss_clean"]  # the same contexts: paired
+    compare.run_comparison(runs, hf_model, 2 * CONTEXT)
+    assert len(calls) == 1  # kept: scored on as many contexts already
+    rows = compare.run_comparison(runs, hf_model, 3 * CONTEXT, report_only=True)
+    assert rows == [] and "no CE/KL on 3 contexts yet, left out" in capsys.readouterr().err
+    compare.run_comparison(runs, hf_model, 3 * CONTEXT)
+    assert len(calls) == 2
+    assert json.loads((Path(runs[0][1].out) / "eval.json").read_text())["ce_contexts"] == 3
 
 
 def replace_out(cfg: RunConfig, out) -> RunConfig:
