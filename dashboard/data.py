@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 import sae
+from activations.hf_backend import backend_of_hook
 from activations.models import load_model
 from experiments.analysis.store import DEFAULT_STORE, STORE_FILE, AnalysisStore, StoreError
 
@@ -52,9 +53,10 @@ def pick_sae(store: AnalysisStore, key: str = "sae") -> str:
 
 
 @st.cache_resource(show_spinner="loading the model ...")
-def load_lm(name: str):
-    """The language model named in the store (loaded once per process; the default one converts offline)."""
-    return load_model(name)
+def load_lm(name: str, backend: str = "transformer_lens"):
+    """The language model named in the store (loaded once per process; the default one converts offline), on
+    the backend its SAE's hook belongs to."""
+    return load_model(name, backend=backend)
 
 
 @st.cache_resource(show_spinner=False)
@@ -66,7 +68,7 @@ def model_and_sae(store: AnalysisStore, name: str):
     """(model, SAE, hook) for one stored SAE, or None after an error message (model or folder unavailable)."""
     info = store.sae(name)
     try:
-        return load_lm(info["model"]), load_sae(info["path"]), info["hook"]
+        return load_lm(info["model"], backend_of_hook(info["hook"])), load_sae(info["path"]), info["hook"]
     except Exception as exc:  # noqa: BLE001 - any load failure becomes a message in the page, never a traceback
         st.error(f"cannot load the model {info['model']!r} or the SAE at {info['path']} for {name}: {exc}")
         return None

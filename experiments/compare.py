@@ -130,7 +130,8 @@ def select_learning_rates(
     on `validation_rows` eval-cache rows placed after the metric rows (eval_offset), so the choice never
     sees the rows the comparison reports. Runs on the gradient cache validate on `validation_activations`
     (the main eval cache: its gradient eval cache is too small to split), g-SAE there as plain TopK.
-    Finished selection runs are reused; the choice is written to out/lr_selection.json.
+    Finished selection runs are reused; the choice is written to out/lr_selection.json (merged with the labels
+    already there).
     """
     first: dict[str, RunConfig] = {}
     for label, cfg in runs:
@@ -156,7 +157,9 @@ def select_learning_rates(
         print(f"[compare] {label}: lr x{best:g} ({base_lr * best:.3g}); validation FVU "
               + ", ".join(f"x{m:g} {v:.4f}" for m, v in scores.items()), file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "lr_selection.json", json_safe(report))
+    path = out / "lr_selection.json"
+    before = json.loads(path.read_text()) if path.exists() else {}  # a --runs subset keeps the other labels' choice
+    atomic_write_json(path, json_safe({**before, **report}))
     return chosen
 
 
@@ -234,7 +237,9 @@ def run_comparison(
     that lack the CE/KL this report would add (so it can run beside the comparison that is filling them in).
     """
     if isinstance(model, str):
-        model = activations.load_model(model)
+        hooks = [cfg.hook or activations.load_cache(cfg.activations).hooks[0] for _, cfg in runs]
+        hf = any(activations.backend_of_hook(h) == "hf" for h in hooks)
+        model = activations.load_model(model, backend="hf" if hf else None)
     done = []
     bar = tqdm(runs, desc="compare", unit="run", disable=len(runs) < 2)
     for label, cfg in bar:
@@ -407,7 +412,8 @@ def interval(values: list[float]) -> tuple[float, float]:
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (run, k): mean ± 95% CI over seeds of each metric, and the paired differences (the interval of the
     per-seed differences) from the TopK baseline trained on the same cache with the same seed and k and, for
-    the runs in ABLATION, from the run they change one thing of."""
+    the runs in ABLATION, from the run they change one thing of. CE/KL differences pair only runs scored on
+    the same held-out tokens (the same number of the same first contexts)."""
     by_key: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for row in rows:
         by_key.setdefault((row["run"], row["k"]), {})[row["seed"]] = row
@@ -426,7 +432,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for ref in summary["references"]:
                 other = by_key.get((ref, k), {})
                 diffs = [r[key] - other[s][key] for s, r in seeds.items()
-                         if _number(r.get(key)) and s in other and _number(other[s].get(key))]
+                         if _number(r.get(key)) and s in other and _number(other[s].get(key))
+                         and (key not in CE_KEYS or r.get("ce_eval_tokens") == other[s].get("ce_eval_tokens"))]
                 if diffs:
                     summary[f"{key}_vs_{ref}"] = interval(diffs)
         out.append(summary)

@@ -301,7 +301,7 @@ def evaluate_sae(
             k: metrics["plain_topk"][k] for k in ("l0", "fvu", "explained_variance", "selection_rule")
         }
     if model_name:
-        model = activations.load_model(model_name)
+        model = activations.load_model(model_name, backend=activations.backend_of_hook(hook))
         context = int(cache.manifest["context"])
         n_ctx = max(1, -(-tokens // context))
         if dataset:

@@ -41,10 +41,14 @@ compare() {
         --lr-multipliers 0.5 1 2 --lr-select-tokens 131072 --eval-tokens 65536 --validation-rows 32768 \
         --out $OUT/compare "$@"
 }
-# Every run, CE/KL on CE_TOKENS; then the claim table's k again on CLAIM_CE_TOKENS (all its runs scored together,
-# one shared clean forward per batch; g-SAE and its TopK on the whole held-out gradient cache); then the report.
+# Every run, CE/KL on CE_TOKENS; then the claim table's k again on CLAIM_CE_TOKENS (the runs of one pass scored
+# together, one shared clean forward per batch, on the same first contexts; g-SAE and its TopK on the whole held-out
+# gradient cache): first TopK and the runs of the ΔCE claims, then the others; then the report. A ΔCE difference
+# pairs only runs scored on the same tokens.
 # shellcheck disable=SC2086
 compare --k $KS --ce-tokens "$CE_TOKENS"
-compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS"
+compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS" \
+    --runs topk mutual_choice mutual_choice+per_token_standardize gradient_topk topk@grads-cache
+compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS" --runs feature_choice feature_choice+zipf mutual_choice+aux_zipf
 # shellcheck disable=SC2086
 compare --k $KS --ce-tokens "$CE_TOKENS" --report-only

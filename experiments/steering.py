@@ -163,10 +163,13 @@ def _generate(model, tokens: torch.Tensor, hooks, n_rows: int, max_new_tokens: i
     each row has its own generator with the same seed, so rows differ only by their steering.
     `offset[0]` tells the steering hook the absolute position of the tokens fed at each step; `on_token(i, n)`
     is called after each of the n steps (the page's progress bar: generation is slow on a CPU)."""
-    # deferred: transformer_lens costs ~6 s to import, paid only when a model is loaded (docs/ARCHITECTURE.md)
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    if hasattr(model, "new_kv_cache"):  # the hf backend (activations/hf_backend.py)
+        kv = model.new_kv_cache(n_rows)
+    else:
+        # deferred: transformer_lens costs ~6 s to import, paid only when a model is loaded (docs/ARCHITECTURE.md)
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
     generators = [torch.Generator().manual_seed(seed) for _ in range(n_rows)]
     feed = tokens.expand(n_rows, -1)
     offset[0] = 0

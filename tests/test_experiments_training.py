@@ -14,11 +14,11 @@ import torch
 import sae as sae_lib
 from activations import CacheConfig, build_cache, load_cache, load_model
 from activations.hooks import resolve_hooks
+from experiments import evaluation
 from experiments.cli import main
 from experiments.cli.demo import serve_dashboard
 from experiments.compare import markdown_table, plan_runs
 from experiments.demo import DemoConfig
-from experiments import evaluation
 from experiments.evaluation import (
     ce_and_kl,
     clean_reference,
@@ -826,3 +826,31 @@ def test_a_per_sequence_position_mask_steers_only_the_selected_positions():
     out = steering_hook(model, [3], torch.full((2, 1), 2.0), direction, "add", lambda seq_len: mask)(x, None)
     assert torch.equal(out[mask == 0], x[mask == 0])
     assert torch.allclose(out[mask == 1], x[mask == 1] + 2.0 * direction[0], atol=1e-6)
+
+
+def test_ce_differences_pair_only_runs_scored_on_the_same_tokens():
+    from experiments.compare import aggregate
+
+    def row(label, seed, fvu, delta_ce, tokens):
+        return {"run": label, "label": label, "k": 32, "seed": seed, "fvu": fvu, "delta_ce": delta_ce,
+                "ce_eval_tokens": tokens}
+
+    rows = [row("topk", s, 0.2, 0.5, 101_600) for s in (0, 1)]
+    rows += [row("mutual_choice", 0, 0.25, 0.6, 101_600), row("mutual_choice", 1, 0.26, 0.7, 4_064)]
+    mc = next(s for s in aggregate(rows) if s["run"] == "mutual_choice")
+    assert mc["fvu_vs_topk"][0] == pytest.approx(0.055)  # both seeds pair on FVU
+    assert mc["delta_ce_vs_topk"][0] == pytest.approx(0.1)  # only seed 0 pairs on ΔCE: one value, no interval
+    assert mc["delta_ce_vs_topk"][1] != mc["delta_ce_vs_topk"][1]
+    assert mc["ce_eval_tokens"] == 4_064
+
+
+def test_lr_selection_of_a_subset_of_runs_keeps_the_other_labels_choice(tmp_path, monkeypatch):
+    import experiments.compare as compare
+
+    fvu = {0.5: 0.3, 1.0: 0.2, 2.0: 0.25}
+    monkeypatch.setattr(compare, "_train_or_reuse", lambda label, cfg: (None, {"fvu": fvu[round(cfg.lr / 1e-3, 3)]}))
+    base = RunConfig(activations="c", out=str(tmp_path), n_features=64, k=4, lr=1e-3)
+    runs = plan_runs(base, None, labels=["topk", "mutual_choice"])
+    compare.select_learning_rates(runs, [0.5, 1, 2], 100, 10, tmp_path)
+    compare.select_learning_rates(runs[:1], [0.5, 1, 2], 100, 10, tmp_path)
+    assert compare.read_lr_selection(tmp_path, ["topk", "mutual_choice"]) == {"topk": 1e-3, "mutual_choice": 1e-3}

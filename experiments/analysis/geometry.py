@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from activations.hooks import INPUT_SUFFIX
 from experiments.analysis.errors import AnalysisError
 
 N_LOGIT_TOKENS = 10
@@ -14,12 +15,18 @@ N_LOGIT_TOKENS = 10
 N_NEIGHBOURS = 10
 
 
+HF_RESIDUAL_LIKE = r"model\.(embed_tokens|layers\.\d+(\.mlp|\.self_attn)?)"
+"""hf-backend module paths whose outputs live in the residual stream (a block, its MLP or attention output)."""
+
+
 def logit_lens(w_dec: torch.Tensor, hook: str, model) -> torch.Tensor | None:
     """[F, d_model] residual-stream direction of each decoder row (times W_U: its direct effect on the logits),
     or None for a hook the logit lens does not apply to.
 
     Residual-stream-like hooks map through W_U; an attention hook_z row is split into heads, mapped through
-    that layer's W_O and summed (the heads' contribution to the residual stream), then through W_U.
+    that layer's W_O and summed (the heads' contribution to the residual stream), then through W_U. On the hf
+    backend the same holds for block, MLP and attention outputs, and a row at the input of a Linear that
+    writes the residual stream (``o_proj:input``) is mapped through that Linear's weight.
     """
     if model is None:
         return None
@@ -31,7 +38,14 @@ def logit_lens(w_dec: torch.Tensor, hook: str, model) -> torch.Tensor | None:
             raise AnalysisError(f"SAE d_in={w_dec.shape[1]} does not match {hook} width "
                                 f"{w_o.shape[0] * w_o.shape[1]} of the model")
         resid = torch.einsum("fhd,hdm->fm", w_dec.view(w_dec.shape[0], *w_o.shape[:2]), w_o)
-    elif re.fullmatch(r"(blocks\.\d+\.hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)|hook_embed)", hook):
+    elif hook.endswith(INPUT_SUFFIX) and isinstance(linear := model.hook_dict.get(hook), torch.nn.Linear):
+        # the hf backend: a row at the input of a Linear writing the residual stream (o_proj, down_proj)
+        if linear.out_features != d_model or w_dec.shape[1] != linear.in_features:
+            return None
+        resid = w_dec @ linear.weight.detach().float().T
+    elif re.fullmatch(r"(blocks\.\d+\.hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)|hook_embed)", hook) or (
+        re.fullmatch(HF_RESIDUAL_LIKE, hook)
+    ):
         if w_dec.shape[1] != d_model:
             raise AnalysisError(f"SAE d_in={w_dec.shape[1]} does not match the model's d_model={d_model} at {hook}")
         resid = w_dec

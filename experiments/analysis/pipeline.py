@@ -65,7 +65,8 @@ def _resolve_model(model, cache):
     if model is None or not isinstance(model, str):
         return model
     try:
-        return load_model(cache.manifest["model"] if model == "auto" else model)
+        return load_model(cache.manifest["model"] if model == "auto" else model,
+                          backend=cache.manifest.get("backend", "transformer_lens"))
     except Exception as exc:  # noqa: BLE001 - transformer_lens/HF raise many kinds for an unknown name
         if model == "auto":
             print(f"saewb analyze: no logit lens or token strings: cannot load {cache.manifest['model']!r} ({exc})")

@@ -17,9 +17,12 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "cache",
         help="run a model over a corpus and write a sharded, resumable activation cache",
-        description="Run a transformer_lens model over a corpus and write memory-mappable activation shards, "
-        "token ids and a manifest. Rerunning the same command resumes after the last complete shard; a "
-        "complete cache is not recomputed; a folder holding a different cache is refused.",
+        description="Run a model over a corpus and write memory-mappable activation shards, token ids and a "
+        "manifest: a transformer_lens model by hook name (default), or with --backend hf any Hugging Face causal LM "
+        "by module path (model.layers.6 is the residual stream after block 6; MODULE:input reads a module's input, "
+        "e.g. model.layers.6.self_attn.o_proj:input for the heads' outputs). Rerunning the same command resumes"
+        " after the last complete shard; a complete cache is not recomputed; a folder holding a different cache is "
+        "refused.",
     )
     add_dataclass_arguments(parser, CacheConfig, required=("out",))
     parser.add_argument("--hook", dest="hooks", action="append", help="alias of --hooks")

@@ -25,7 +25,7 @@ def run_steer(args: argparse.Namespace) -> int:
         raise SteeringError(f"--coefficients must be comma-separated numbers, got {args.coefficients!r}") from None
     if not 0 < args.new_tokens <= 200:
         raise SteeringError("keep 1 <= --new-tokens <= 200")
-    model = activations.load_model(name)
+    model = activations.load_model(name, backend=activations.backend_of_hook(hook))
     neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
     bars: list = []  # opened at the first step, after the request was checked: an error stays one line
 
@@ -63,7 +63,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
         raise SteeringError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
     if not sizes:
         raise SteeringError("give at least one clamp size")
-    model = activations.load_model(name)
+    model = activations.load_model(name, backend=activations.backend_of_hook(hook))
     neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
     points = unlearn_sweep(model, model_sae, hook, args.concept, neutral, sizes, args.clamp)
     if args.json:

@@ -20,6 +20,9 @@ def run(args: argparse.Namespace) -> int:
     hook = args.hook or model_sae.metadata.get("hook_name")
     if not name or not hook:
         raise IOIError(f"{args.sae} does not name its model and hook (cfg.json metadata): pass --model and --hook")
+    if activations.backend_of_hook(hook) != "transformer_lens":
+        raise IOIError(f"saewb ioi reads transformer_lens hooks (blocks.L.hook_resid_post ...); {hook!r} is a module "
+                       "of the hf backend")
     if max(n_latents) > model_sae.cfg.n_features:
         raise IOIError(f"--n-latents {max(n_latents)} exceeds the SAE's {model_sae.cfg.n_features} latents")
     model = activations.load_model(name)
