@@ -135,6 +135,20 @@ def download_sae_folder(name: str | HubName) -> Path:
     reached (HF_HUB_OFFLINE=1 or no network).
     """
     hub = parse_hub_name(name) if isinstance(name, str) else name
+    folder = download_folder(hub)
+    missing = [f for f in SAE_FILES if not (folder / f).is_file()]
+    if missing:
+        inside = [HubName(hub.repo_id, _join(hub.subfolder, sub), hub.revision) for sub in sae_folders_in(folder)]
+        hint = f"; SAE folders inside: {', '.join(map(str, inside))}" if inside else ""
+        where = "" if hub.subfolder else " (the repo's root)"
+        raise SAEConfigError(f"{hub}{where} is not an SAE folder: {_missing(missing)}; it holds "
+                             f"{describe_contents(folder)}{hint}")
+    return folder
+
+
+def download_folder(hub: HubName) -> Path:
+    """The local copy (in the Hugging Face cache) of the files `hub` names (its subfolder, or ROOT_PATTERNS),
+    downloaded if not cached; every Hub problem is one SAEConfigError or SAEDataError (see download_sae_folder)."""
     try:
         snapshot = Path(huggingface_hub.snapshot_download(
             hub.repo_id, revision=hub.revision, allow_patterns=hub.allow_patterns, library_name="sae-workbench",
@@ -165,15 +179,7 @@ def download_sae_folder(name: str | HubName) -> Path:
         if is_connection_error(exc):
             raise SAEDataError(f"{hub}: cannot reach the Hub ({type(exc).__name__}: {first_line(exc)})") from None
         raise
-    folder = snapshot / hub.subfolder if hub.subfolder else snapshot
-    missing = [f for f in SAE_FILES if not (folder / f).is_file()]
-    if missing:
-        inside = [HubName(hub.repo_id, _join(hub.subfolder, sub), hub.revision) for sub in sae_folders_in(folder)]
-        hint = f"; SAE folders inside: {', '.join(map(str, inside))}" if inside else ""
-        where = "" if hub.subfolder else " (the repo's root)"
-        raise SAEConfigError(f"{hub}{where} is not an SAE folder: {_missing(missing)}; it holds "
-                             f"{describe_contents(folder)}{hint}")
-    return folder
+    return snapshot / hub.subfolder if hub.subfolder else snapshot
 
 
 def check_sae_folder(folder: Path) -> None:

@@ -58,6 +58,7 @@ SAELENS_CFG_FIELDS = (
 SAELENS_ARCH_CFG_FIELDS: dict[str, tuple[str, ...]] = {
     "topk": ("k", "rescale_acts_by_decoder_norm"),  # TopKSAEConfig, sae_lens/saes/topk_sae.py
     "jumprelu": (),  # JumpReLUSAEConfig adds no fields, sae_lens/saes/jumprelu_sae.py
+    "standard": (),  # StandardSAEConfig: a ReLU SAE (loaded only: sae/architectures/relu.py)
 }
 
 SAELENS_WEIGHT_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -69,8 +70,11 @@ SAELENS_WEIGHT_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
         "b_dec": ("d_in",),
         "threshold": ("d_sae",),
     },
+    "standard": {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",)},
 }
 """Tensor names and shapes in sae_weights.safetensors per SAELens architecture."""
+SAELENS_TO_OURS = {"standard": "relu"}
+"""SAELens architectures registered here under another name (the others keep theirs)."""
 
 SAELENS_NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 """Values SAELens accepts for normalize_activations (SAEConfig.__post_init__)."""
@@ -298,7 +302,7 @@ def read_saelens(
             weights["b_enc"] = weights["b_enc"] * norms
             weights["W_dec"] = weights["W_dec"] / norms.unsqueeze(1)
     sae_cfg = SAEConfig(
-        arch=arch,
+        arch=SAELENS_TO_OURS.get(arch, arch),
         d_in=d_in,
         n_features=d_sae,
         k=None if k is None else int(k),

@@ -26,22 +26,30 @@ from sae.io import (
     read_workbench_state,
     workbench_config,
 )
+from sae.pretrained import is_pretrained_name, pretrained_folder
 from sae.registry import get_architecture
 
 
 def load_sae(path: str | Path, device: str | None = None) -> SAE:
-    """Load a folder written by `SAE.save` exactly, or a SAELens topk/jumprelu folder; or one on the Hugging Face
-    Hub by name, `hf://ORG/REPO[/SUBFOLDER][@REVISION]` (sae/hub.py: downloaded once into the HF cache, then read
-    from there, offline too). device: where to put it (sae/devices.py: auto, cpu, cuda, cuda:N; default: the
-    CPU, where saved files always are).
+    """Load a folder written by `SAE.save` exactly, or a SAELens topk/jumprelu/standard folder; or one on the Hugging
+    Face Hub by name, `hf://ORG/REPO[/SUBFOLDER][@REVISION]` (sae/hub.py: downloaded once into the HF cache, then
+    read from there, offline too), or by its SAELens registry name `RELEASE/SAE_ID` when sae_lens is installed
+    (sae/pretrained.py; a local path that exists wins). device: where to put it (sae/devices.py: auto, cpu, cuda,
+    cuda:N; default: the CPU, where saved files always are).
 
     Every problem is one SAEConfigError (SAEDataError when a hub SAE is not cached and the Hub is out of reach)
     that names the folder, or the hub name.
     """
-    name = hub_name_of(path)
-    folder = download_sae_folder(name) if name is not None else Path(path)
-    label = name or str(folder)  # a hub SAE's message keeps its cache path too
     target = resolve_device(device) if device is not None else None  # a bad device fails before any reading
+    name = hub_name_of(path)
+    if name is not None:
+        folder = download_sae_folder(name)
+    elif is_pretrained_name(path):  # RELEASE/SAE_ID of SAELens' registry (sae/pretrained.py)
+        name = str(path)
+        folder = pretrained_folder(name)
+    else:
+        folder = Path(path)
+    label = name or str(folder)  # a hub SAE's message keeps its cache path too
     try:
         model = _load_checked(folder)
     except SAEConfigError as exc:

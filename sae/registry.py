@@ -6,6 +6,7 @@ from sae.architectures.feature_choice import FeatureChoiceSAE
 from sae.architectures.gradient_topk import GradientTopKSAE
 from sae.architectures.jumprelu import JumpReLUSAE
 from sae.architectures.mutual_choice import MutualChoiceSAE
+from sae.architectures.relu import ReLUSAE
 from sae.architectures.topk import TopKSAE
 from sae.base import SAE
 from sae.errors import SAEConfigError
@@ -16,6 +17,7 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "feature_choice": FeatureChoiceSAE,
     "gradient_topk": GradientTopKSAE,
     "jumprelu": JumpReLUSAE,
+    "relu": ReLUSAE,
 }
 
 TRAINABLE = tuple(name for name, cls in ARCHITECTURES.items() if cls.trainable)

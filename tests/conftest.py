@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import constants as hub_constants
 
 import sae
 from activations.format import FORMAT_VERSION, MANIFEST
@@ -261,6 +262,50 @@ def page(name: str):
         importlib.import_module(f"dashboard.views.{module}").render()
 
     return AppTest.from_function(script, args=(name,), default_timeout=30)
+
+
+# ---- a Hugging Face cache laid out by huggingface_hub's conventions, offline (hub and pretrained-name tests) ----
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline: the environment and huggingface_hub's constants (read at import)."""
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert hub_constants.is_offline_mode()  # every request huggingface_hub builds is refused before it is sent
+    return cache
+
+
+def put_in_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT,
+                 refs: tuple[str, ...] = ("main",)) -> Path:
+    """Lay a repo snapshot out as huggingface_hub does (docs: "Understand caching"): models--ORG--NAME/ with
+    blobs/<hash> (sha256 for LFS files such as safetensors, the git blob sha1 otherwise), refs/<ref> holding the
+    commit hash, and snapshots/<commit>/<path> as relative symlinks to the blobs. Returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for path_in_repo, content in files.items():
+        if path_in_repo.endswith(".safetensors"):
+            blob_id = hashlib.sha256(content).hexdigest()
+        else:
+            blob_id = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+        blob = repo / "blobs" / blob_id
+        blob.write_bytes(content)
+        link = snapshot / path_in_repo
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
 
 
 def tiny_hub_sae(folder: Path, hook: str = "blocks.1.hook_resid_post") -> Path:

@@ -3,14 +3,11 @@ huggingface_hub's conventions, offline (no test reaches the network), and one cl
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
 import sae
@@ -18,11 +15,10 @@ from experiments.analysis import pipeline
 from experiments.cli import main
 from sae.errors import SAEConfigError, SAEDataError
 from sae.hub import ROOT_PATTERNS, HubName, hub_name_of, parse_hub_name
-from tests.conftest import tiny_hub_sae
+from tests.conftest import COMMIT, put_in_cache, tiny_hub_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 HOOK = "blocks.1.hook_resid_post"
 
@@ -30,44 +26,6 @@ HOOK = "blocks.1.hook_resid_post"
 @pytest.fixture(scope="module")
 def sae_folder(tmp_path_factory) -> Path:
     return tiny_hub_sae(tmp_path_factory.mktemp("sae") / "topk", HOOK)
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face cache, offline: the environment and huggingface_hub's constants (read at import)."""
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    assert hub_constants.is_offline_mode()  # every request huggingface_hub builds is refused before it is sent
-    return cache
-
-
-def put_in_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT,
-                 refs: tuple[str, ...] = ("main",)) -> Path:
-    """Lay a repo snapshot out as huggingface_hub does (docs: "Understand caching"): models--ORG--NAME/ with
-    blobs/<hash> (sha256 for LFS files such as safetensors, the git blob sha1 otherwise), refs/<ref> holding the
-    commit hash, and snapshots/<commit>/<path> as relative symlinks to the blobs. Returns the snapshot folder."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for path_in_repo, content in files.items():
-        if path_in_repo.endswith(".safetensors"):
-            blob_id = hashlib.sha256(content).hexdigest()
-        else:
-            blob_id = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-        blob = repo / "blobs" / blob_id
-        blob.write_bytes(content)
-        link = snapshot / path_in_repo
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def folder_files(folder: Path, prefix: str = "") -> dict[str, bytes]:

@@ -22,6 +22,7 @@ from experiments.analysis.stats import DENSE_THRESHOLD, HIST_EDGES, quantile_edg
 from experiments.analysis.store import DEFAULT_STORE, write_sae
 from experiments.attention import head_attribution, one_head_features
 from sae.hub import download_sae_folder, hub_name_of, parse_hub_name
+from sae.pretrained import is_pretrained_name, pretrained_folder
 
 
 def _encoded(sae_model, cache, hook: str, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
@@ -150,6 +151,13 @@ def analyze(
         except sae_pkg.SAEError as exc:
             raise AnalysisError(str(exc)) from exc
         name = name or parse_hub_name(hub).repo_id.split("/")[1]
+    elif is_pretrained_name(sae_dir):  # RELEASE/SAE_ID of SAELens' registry: its (cached or converted) folder
+        release_id = Path(sae_dir).as_posix()
+        try:
+            sae_dir = pretrained_folder(release_id)
+        except sae_pkg.SAEError as exc:
+            raise AnalysisError(str(exc)) from exc
+        name = name or release_id.replace("/", "_")
     sae_dir = Path(sae_dir)
     sae_model, cache, hook = _load_inputs(sae_dir, activations_dir, hook)
     lm = _resolve_model(model, cache)
