@@ -23,7 +23,6 @@ import importlib.util
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 import warnings
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from activations.hf_backend import BACKENDS, HFHookedModel
-from activations.storage import cache_root
+from activations.storage import atomic_folder, cache_root
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -125,18 +124,10 @@ def convert_gguf(spec: EmbeddedModel, progress: bool = True) -> Path:
     plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict(), strict=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is a shared, read-only asset
-    try:
+    with atomic_folder(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "saewb_source.json").write_text(json.dumps({"gguf": str(gguf_path), "name": spec.name}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

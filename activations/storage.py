@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,24 @@ def cache_root() -> Path:
     """Converted models and extracted corpora live here: ``$SAEWB_CACHE`` or ~/.cache/sae-workbench."""
     env = os.environ.get("SAEWB_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sae-workbench"
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `target` to fill; on success it replaces `target` (readable by all, 0o755), on
+    any error it is removed and `target` stays as it was, so a kill never leaves half a folder."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; converted assets are shared and read-only
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

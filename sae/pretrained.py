@@ -16,10 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -28,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from activations.storage import cache_root
+from activations.storage import atomic_folder, cache_root
 from sae.errors import SAEConfigError
 from sae.hub import HUB_PREFIX, HubName, download_folder, download_sae_folder
 from sae.io import CFG_FILENAME, WEIGHTS_FILENAME
@@ -148,16 +145,7 @@ def _gemma_scope_folder(entry: PretrainedSAE, source: Path) -> Path:
         "metadata": {"model_name": entry.model, "hook_name": hook, "sae_lens_release": entry.release,
                      "sae_lens_id": entry.sae_id, "converted_from": f"{HUB_PREFIX}{entry.repo_id}/{entry.path}"},
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILENAME))
         (tmp / CFG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -21,6 +21,7 @@ from huggingface_hub import constants as hub_constants
 import sae
 from activations.format import FORMAT_VERSION, MANIFEST
 from activations.storage import atomic_write_bytes, atomic_write_json
+from experiments.analysis import pipeline
 from sae.synthetic import planted_dictionary_data
 
 # No test ever reaches the Hugging Face hub; fail fast instead of retrying a network that is not there.
@@ -306,6 +307,23 @@ def put_in_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str
         (repo / "refs" / ref).write_text(commit)
     return snapshot
 
+
+
+def folder_analyze_reads(monkeypatch, name) -> Path:
+    """The SAE folder `analyze(name, ...)` resolves `name` to (the analysis stops right before reading it)."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def load_inputs(sae_dir, activations_dir, hook):
+        seen["dir"] = sae_dir
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "_load_inputs", load_inputs)
+    with pytest.raises(Stop):
+        pipeline.analyze(name, "cache")
+    return seen["dir"]
 
 
 def tiny_hub_sae(folder: Path, hook: str = "blocks.1.hook_resid_post") -> Path:

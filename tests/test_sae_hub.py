@@ -11,11 +11,10 @@ import torch
 from huggingface_hub import errors as hub_errors
 
 import sae
-from experiments.analysis import pipeline
 from experiments.cli import main
 from sae.errors import SAEConfigError, SAEDataError
 from sae.hub import ROOT_PATTERNS, HubName, hub_name_of, parse_hub_name
-from tests.conftest import COMMIT, put_in_cache, tiny_hub_sae
+from tests.conftest import COMMIT, folder_analyze_reads, put_in_cache, tiny_hub_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,21 +217,10 @@ def test_analyze_reads_a_hub_name_from_its_cached_folder(hf_cache, sae_folder, m
     """analyze() resolves hf://ORG/REPO (also as the hf:/ a Path makes of it) to the cached snapshot folder, so the
     store row keeps a real path, the eval metrics and the training log; the default name is the repo's."""
     put_in_cache(hf_cache, "org/repo", folder_files(sae_folder))
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def load_inputs(sae_dir, activations_dir, hook):
-        seen["dir"] = sae_dir
-        raise Stop
-
-    monkeypatch.setattr(pipeline, "_load_inputs", load_inputs)
     for name in ("hf://org/repo", Path("hf://org/repo")):
-        with pytest.raises(Stop):
-            pipeline.analyze(name, "cache")
-        assert seen["dir"].is_dir() and seen["dir"] == sae.hub.download_sae_folder("hf://org/repo")
-        assert_same_sae(sae.load(seen["dir"]), sae.load(sae_folder))
+        folder = folder_analyze_reads(monkeypatch, name)
+        assert folder.is_dir() and folder == sae.hub.download_sae_folder("hf://org/repo")
+        assert_same_sae(sae.load(folder), sae.load(sae_folder))
 
 
 def test_calibrate_refuses_a_hub_name_it_would_rewrite(capsys):

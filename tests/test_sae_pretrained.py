@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import save
 
 import sae
-from experiments.analysis import pipeline
 from sae.errors import SAEConfigError, SAEDataError
 from sae.pretrained import is_pretrained_name, resolve
-from tests.conftest import put_in_cache, tiny_hub_sae
+from tests.conftest import folder_analyze_reads, put_in_cache, tiny_hub_sae
 
 D_IN, D_SAE = 8, 16
 REGISTRY = """
@@ -146,18 +145,7 @@ def test_a_local_folder_of_the_same_path_wins(registry, tmp_path, monkeypatch):
 
 def test_analyze_reads_a_release_name_from_its_folder(registry, hf_cache, weights, monkeypatch):
     put_in_cache(hf_cache, "org/tiny-res-saes", standard_folder_files(weights))
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def load_inputs(sae_dir, activations_dir, hook):
-        seen["dir"] = sae_dir
-        raise Stop
-
-    monkeypatch.setattr(pipeline, "_load_inputs", load_inputs)
-    with pytest.raises(Stop):
-        pipeline.analyze("tiny-res-jb/blocks.1.hook_resid_pre", "cache")
-    assert seen["dir"].is_dir() and (seen["dir"] / "cfg.json").is_file()
-    assert sae.load(seen["dir"]).cfg.arch == "relu"
+    folder = folder_analyze_reads(monkeypatch, "tiny-res-jb/blocks.1.hook_resid_pre")
+    assert folder.is_dir() and (folder / "cfg.json").is_file()
+    assert sae.load(folder).cfg.arch == "relu"
 
