@@ -33,8 +33,8 @@ class Selection:
     "a [N, F], with gradient."
     support: Support
     "S in sparse form (what select_train returned)."
-    stats: dict[str, float] = field(default_factory=dict)
-    "Architecture-specific numbers worth logging."
+    stats: dict[str, Tensor | float] = field(default_factory=dict)
+    "Architecture-specific numbers worth logging (device scalars stay tensors: the trainer reads them at log steps)."
 
     @property
     def mask(self) -> Tensor:
@@ -52,8 +52,8 @@ class SparseSelection:
     "a [N, F] without gradient (select aux latents from it; its gradient flows via gather_pre_acts)."
     encoder_input: Tensor
     "x - b_pre [N, d], with gradient (what the pre-activations were computed from)."
-    stats: dict[str, float] = field(default_factory=dict)
-    "Architecture-specific numbers worth logging."
+    stats: dict[str, Tensor | float] = field(default_factory=dict)
+    "Architecture-specific numbers worth logging (device scalars stay tensors: the trainer reads them at log steps)."
 
 
 class SAE(nn.Module):
@@ -110,8 +110,9 @@ class SAE(nn.Module):
     def check_batch_size(self, batch_size: int) -> None:
         """Reject batch sizes the training rule cannot use (Feature-Choice needs B >= F/k)."""
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
-        """Training selection S (sparse, row-major) for pre-activations a (grads: normalised LM gradients)."""
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, Tensor | float]]:
+        """Training selection S (sparse, row-major) for pre-activations a (grads: normalised LM gradients), and
+        stats to log (return device values as tensors: reading them here would sync every step)."""
         raise NotImplementedError
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:

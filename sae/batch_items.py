@@ -32,8 +32,9 @@ def check_finite(x: Tensor, grads: Tensor | None, where: str) -> None:
     for name, t in (("activations", x), ("gradients", grads)):
         if t is not None and not bool(torch.isfinite(t).all()):
             bad = ~torch.isfinite(t)
-            row = int(bad.any(dim=1).nonzero()[0, 0])
-            raise SAEDataError(
-                f"{name} contain NaN/inf at {where}, first in row {row} ({int(bad.sum())} bad values); "
-                "nothing was updated with them."
-            )
+            raise SAEDataError(non_finite_message(name, where, int(bad.any(dim=1).nonzero()[0, 0]), int(bad.sum())))
+
+
+def non_finite_message(name: str, where: str, row: int, count: int) -> str:
+    """What check_finite (and the trainer's device-side check, sae/training/finite_guard.py) says about bad data."""
+    return f"{name} contain NaN/inf at {where}, first in row {row} ({count} bad values); nothing was updated with them."

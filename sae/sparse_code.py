@@ -60,10 +60,12 @@ class Support:
         return int(self.cols.numel())
 
     def row_starts(self) -> Tensor:
-        """[B + 1] CSR row pointer: entries of row b are [starts[b], starts[b+1])."""
+        """[B + 1] CSR row pointer: entries of row b are [starts[b], starts[b+1]). A scatter-add, not bincount,
+        which waits for the GPU to size its output."""
         if self.per_row is not None:
             return torch.arange(0, self.nnz + 1, self.per_row, device=self.cols.device)
-        counts = torch.bincount(self.rows, minlength=self.n_rows)
+        counts = torch.zeros(self.n_rows, dtype=torch.int64, device=self.rows.device)
+        counts.index_add_(0, self.rows, torch.ones_like(self.rows))
         return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
     def mask(self) -> Tensor:
@@ -99,8 +101,10 @@ class SparseCode:
         return torch.bincount(fired, minlength=self.support.n_rows)
 
     def fired_count(self, threshold: float = 0.0) -> Tensor:
-        """[F] tokens on which each latent fires."""
-        return torch.bincount(self.support.cols[self.active(threshold)], minlength=self.support.n_features)
+        """[F] tokens on which each latent fires: a scatter-add, so no host sync (a masked index and bincount
+        would wait for the GPU to learn their sizes)."""
+        counts = torch.zeros(self.support.n_features, dtype=torch.int64, device=self.values.device)
+        return counts.index_add_(0, self.support.cols, self.active(threshold).to(torch.int64))
 
 
 def _csr(support: Support, values: Tensor) -> Tensor:
@@ -118,7 +122,9 @@ class _GatherPreActs(torch.autograd.Function):
     def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, pre_acts: Tensor, support: Support) -> Tensor:
         ctx.save_for_backward(x_in, W_enc)
         ctx.support = support
-        return pre_acts[support.rows, support.cols]
+        # In x_in's dtype: under autocast the pre-activations are bf16/fp16, and the values (so the whole sparse
+        # backward) stay in the weights' fp32.
+        return pre_acts[support.rows, support.cols].to(x_in.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -10,7 +10,7 @@ from sae.config import ROLES, SAEConfig, TrainConfig, field_help, fields_with_ro
 
 # What a resume may change: the TrainConfig keys that describe how the process runs, not the result.
 RUN_ONLY = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "progress",
-            "sparse_kernels", "prefetch_batches", "device"}
+            "sparse_kernels", "prefetch_batches", "device", "autocast"}
 
 
 def test_every_field_has_one_role_of_its_config():

@@ -10,7 +10,7 @@ from sae.config import SAEConfig, TrainConfig
 from sae.errors import SAEConfigError, SAEDataError, SAETrainingError
 from sae.registry import TRAINABLE, get_architecture
 from sae.synthetic import mean_max_cosine, planted_dictionary_data
-from sae.training.checkpoint import Checkpointer
+from sae.training.checkpoint import Checkpointer, optimizer_tensors, read_checkpoint
 from sae.training.initialization import geometric_median
 from sae.training.schedule import lr_at
 from sae.training.streams import make_stream
@@ -220,6 +220,38 @@ def test_nan_batch_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_pat
     assert trainer.step == 3 and not (tmp_path / "step_000000004").exists()
     for name, tensor in last.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("arch", TRAINABLE)
+def test_inf_at_step_3_found_at_the_step_5_log_names_step_3_and_the_checkpoint_before_it_stays(tmp_path, arch):
+    """Bug-fix regression: the step no longer checks finiteness on the host (a GPU sync per step). The device
+    records the first bad step and skips every update from it on; the log after step 5 reads the record and names
+    step 3; the step-3 checkpoint (written after steps 0-2) stays, finite, and equals the SAE, Adam state and
+    counters the trainer holds, so steps 3 and 4 changed nothing; no later checkpoint is written."""
+    data = planted_dictionary_data(1000, 16, 32, 2, seed=3).acts
+    data[320, 7] = float("inf")  # row 320 -> row 20 of batch 3 (100 rows a batch, no shuffling)
+    grads = torch.randn(data.shape, generator=torch.Generator().manual_seed(1))
+    model = get_architecture(arch)(SAEConfig(arch=arch, d_in=16, n_features=32, k=2, threshold_start_step=0))
+    cfg = TrainConfig(batch_size=100, shuffle=False, progress=False, log_every=5, checkpoint_dir=str(tmp_path),
+                      checkpoint_every=3, geometric_median_rows=100, norm_estimation_batches=1, dead_tokens=200)
+    trainer = Trainer(model, make_stream(data, grads if model.needs_grads else None, 100, False, 0), cfg)
+    with pytest.raises(SAEDataError) as info:
+        trainer.run()
+    assert str(info.value) == (
+        "activations contain NaN/inf at step 3 (batch 3 of the stream), first in row 20 (1 bad values); nothing was "
+        "updated with them. (Found by the check after 5 steps: from step 3 on no update was applied and no "
+        "checkpoint was written.)"
+    )
+    assert trainer.step == 3 and [p.name for p in Checkpointer(tmp_path).checkpoints()] == ["step_000000003"]
+    last, tensors, _ = read_checkpoint(tmp_path / "step_000000003")
+    for name, tensor in last.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert all(bool(torch.isfinite(p).all()) for p in last.parameters())  # thresholds may be +inf: never observed
+    held = {f"adam.{k}": v for k, v in optimizer_tensors(model, trainer.optimizer).items()}
+    held.update({f"tracker.{k}": v for k, v in trainer.tracker.state_tensors().items()})
+    assert held.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, held[name]) and bool(torch.isfinite(tensor.double()).all()), name
 
 
 def test_nan_in_initialisation_batches_is_reported():

@@ -45,6 +45,7 @@ class FeatureChoiceSAE(SAE):
         self.register_buffer("density_ema", torch.zeros(F))
         self.register_buffer("demand_ema", torch.zeros(F))
         self._pending_demand: Tensor | None = None  # this step's demand, folded into the EMA by observe()
+        self._by_rank: dict[tuple[int, torch.device], tuple[Tensor, int]] = {}  # capacities_by_rank, per B and device
 
     def capacity_shares(self) -> Tensor:
         """Fraction of the k*B budget for the latent at each demand rank (rank 1 first), float64."""
@@ -74,15 +75,23 @@ class FeatureChoiceSAE(SAE):
 
     def capacities(self, batch_size: int) -> Tensor:
         """m_i per latent [F] (int64): shares * k*B, capped at B, largest-remainder rounded."""
-        assert self.cfg.k is not None
-        self.check_batch_size(batch_size)
-        total, F = self.cfg.k * batch_size, self.cfg.n_features
-        if self.cfg.fc_capacity == "uniform":  # exact integers: k*B // F each, remainder to the top ranks
-            by_rank = total // F + (torch.arange(F) < total % F).to(torch.int64)
-        else:
-            by_rank = largest_remainder(self.capacity_shares(), total, cap=batch_size)
-        by_rank = by_rank.to(self.demand_ema.device)
+        by_rank, _ = self.capacities_by_rank(batch_size)
         return torch.empty_like(by_rank).scatter_(0, self.demand_order(), by_rank)
+
+    def capacities_by_rank(self, batch_size: int) -> tuple[Tensor, int]:
+        """(m at each demand rank [F] int64 on the SAE's device, its maximum). They depend on B only, so they are
+        computed once per batch size: the checks, the rounding and the copy to the device would sync every step."""
+        key = (batch_size, self.demand_ema.device)
+        if key not in self._by_rank:
+            assert self.cfg.k is not None
+            self.check_batch_size(batch_size)
+            total, F = self.cfg.k * batch_size, self.cfg.n_features
+            if self.cfg.fc_capacity == "uniform":  # exact integers: k*B // F each, remainder to the top ranks
+                by_rank = total // F + (torch.arange(F) < total % F).to(torch.int64)
+            else:
+                by_rank = largest_remainder(self.capacity_shares(), total, cap=batch_size)
+            self._by_rank[key] = (by_rank.to(self.demand_ema.device), int(by_rank.max()))
+        return self._by_rank[key]
 
     def demand_order(self) -> Tensor:
         """Latents from most to least demanded (rank 1 first); ties, as at step 0, keep index order."""
@@ -93,28 +102,33 @@ class FeatureChoiceSAE(SAE):
         """Fraction of the (global) batch's tokens whose top-k positive pre-activations include each latent [F]."""
         assert self.cfg.k is not None
         top = pre_acts.topk(min(self.cfg.k, pre_acts.shape[1]), dim=1, sorted=False)
-        wanted = top.indices[top.values > 0]
-        counts = torch.bincount(wanted, minlength=pre_acts.shape[1]).to(self.demand_ema.dtype)
+        wanted = (top.values > 0).flatten().to(self.demand_ema.dtype)  # counted by scatter-add: no sync
+        counts = self.demand_ema.new_zeros(pre_acts.shape[1]).index_add_(0, top.indices.flatten(), wanted)
         coll = self.collectives
         return coll.sum_(counts) / (pre_acts.shape[0] * coll.world_size)
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, Tensor | float]]:
         n_rows, n_features = pre_acts.shape
-        coll = self.collectives
+        coll, k = self.collectives, self.cfg.k
+        assert k is not None
         m = self.capacities(n_rows * coll.world_size)  # capacities of the global batch
+        m_max = self.capacities_by_rank(n_rows * coll.world_size)[1]
         if self.cfg.fc_capacity == "zipf":  # re-ranked from the next step on (observe() folds it in)
             self._pending_demand = self.measure_demand(pre_acts)
-        best = pre_acts.topk(min(int(m.max()), n_rows), dim=0, sorted=True)  # [m_max, F], best first
+        best = pre_acts.topk(min(m_max, n_rows), dim=0, sorted=True)  # [m_max, F], best first
         top = best.indices
         keep = torch.arange(top.shape[0], device=m.device).unsqueeze(1) < m.unsqueeze(0)
         if coll.world_size > 1:  # keep what beats the m_i-th value of column i over all ranks
             everyone = coll.cat(best.values).sort(dim=0, descending=True).values
             keep &= best.values >= everyone.gather(0, (m - 1).unsqueeze(0))
-        cols = torch.arange(n_features, device=top.device).expand_as(top)
-        support = Support.from_pairs(top[keep], cols[keep], n_rows, n_features)
-        positive = pre_acts[support.rows, support.cols] > 0
-        covered = torch.bincount(support.rows[positive], minlength=n_rows) > 0
-        return support, {"zero_latent_token_frac": 1.0 - float(covered.float().mean())}
+            ranks, cols = keep.nonzero(as_tuple=True)  # how many that is, the host learns (a sync)
+        else:  # exactly sum(m) = k*B entries (each m_i <= B): a size known up front, so no host sync
+            ranks, cols = torch.nonzero_static(keep, size=k * n_rows).unbind(1)
+        support = Support.from_pairs(top[ranks, cols], cols, n_rows, n_features)
+        positive = (pre_acts[support.rows, support.cols] > 0).to(torch.int64)
+        per_token = torch.zeros(n_rows, dtype=torch.int64, device=positive.device).index_add_(0, support.rows, positive)
+        covered = per_token > 0
+        return support, {"zero_latent_token_frac": 1.0 - covered.float().mean().double()}  # read at log steps
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:
         if not bool(self.threshold_initialized.any()):
@@ -134,9 +148,9 @@ class FeatureChoiceSAE(SAE):
             self._pending_demand = None
         if step < threshold_start(self.cfg, total_steps):
             return
-        positive = code.values > 0
+        positive = code.values > 0  # the others scatter +inf, which changes no minimum: no masked index, no sync
         observed = torch.full_like(self.threshold, float("inf")).scatter_reduce(
-            0, code.support.cols[positive], code.values[positive].to(self.threshold.dtype), "amin"
+            0, code.support.cols, torch.where(positive, code.values, float("inf")).to(self.threshold.dtype), "amin"
         )
         coll.min_(observed)
         update_threshold_ema(

@@ -33,7 +33,7 @@ class MutualChoiceSAE(SAE):
         self.register_buffer("threshold", torch.full((1,), float("inf")))
         self.register_buffer("threshold_initialized", torch.zeros(1, dtype=torch.bool))
 
-    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, float]]:
+    def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, Tensor | float]]:
         assert self.cfg.k is not None
         n_rows, n_features = pre_acts.shape
         coll = self.collectives
@@ -45,7 +45,7 @@ class MutualChoiceSAE(SAE):
             kth = global_kth_largest(pre_acts, self.cfg.k * n_rows * coll.world_size, coll)
             flat = (pre_acts >= kth).flatten().nonzero().squeeze(1)
         support = Support(flat // n_features, flat % n_features, n_rows, n_features)
-        return support, {"threshold": float(self.threshold)}
+        return support, {"threshold": self.threshold[0].clone()}  # read at log steps: no sync here
 
     def select_inference(self, pre_acts: Tensor, grads: Tensor | None) -> Tensor:
         if not bool(self.threshold_initialized.all()):
@@ -59,12 +59,12 @@ class MutualChoiceSAE(SAE):
     def observe(self, code: SparseCode, step: int, total_steps: int) -> None:
         if step < threshold_start(self.cfg, total_steps):
             return
-        positive = code.values[code.values > 0]
-        observed = positive.min().reshape(1) if positive.numel() else code.values.new_full((1,), float("inf"))
+        # The smallest positive value, +inf if none; an invalid (inf) observation leaves theta as it is. No host sync.
+        observed = code.values.new_full((1,), float("inf"))
+        if code.values.numel():
+            observed = torch.where(code.values > 0, code.values, float("inf")).min().reshape(1)
         observed = self.collectives.min_(observed.to(self.threshold.dtype))
         valid = torch.isfinite(observed)
-        if not bool(valid):
-            return
         update_threshold_ema(
             self.threshold, self.threshold_initialized, observed, valid, self.cfg.threshold_beta
         )

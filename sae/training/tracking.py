@@ -37,22 +37,38 @@ class FeatureTracker:
         self.device = torch.device(device)
         self.tokens_since_fired = torch.zeros(n_features, dtype=torch.int64, device=self.device)
         self.density_ema = torch.zeros(n_features, device=self.device)
+        self.since_fired_bound = 0
+        "An upper bound on max(tokens_since_fired) the host keeps without reading the device (see may_be_dead)."
 
     @torch.no_grad()
     def update(self, code: SparseCode) -> None:
-        """Count one batch of (detached) latents; only the support can fire."""
+        """Count one batch of (detached) latents; only the support can fire. No host sync."""
         fired = self.collectives.sum_(code.fired_count(self.fire_threshold))
         n_tokens = code.support.n_rows * self.collectives.world_size
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired > 0] = 0
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)
+        self.since_fired_bound += n_tokens
         rate = fired.to(self.density_ema.dtype) / n_tokens
         self.density_ema.mul_(self.ema_beta).add_(rate, alpha=1 - self.ema_beta)
+
+    def may_be_dead(self) -> bool:
+        """False when no latent can be dead yet, known on the host: each step adds at most B tokens to a counter.
+
+        The trainer then skips AuxK, whose candidate search (a nonzero over the dead mask) needs a host sync, with
+        the same result: no dead latent means no aux loss. `refresh_bound` tightens the bound at log steps.
+        """
+        return self.since_fired_bound >= self.dead_tokens
+
+    def refresh_bound(self) -> None:
+        """Read max(tokens_since_fired) from the device (a sync: call it where the trainer reads metrics anyway)."""
+        self.since_fired_bound = int(self.tokens_since_fired.max())
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens
 
-    def dead_fraction(self) -> float:
-        return float(self.dead_mask().float().mean())
+    def dead_fraction(self) -> Tensor:
+        """The fraction of dead latents, a device scalar (read with the other metrics)."""
+        return self.dead_mask().float().mean()
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {"tokens_since_fired": self.tokens_since_fired, "density_ema": self.density_ema}
@@ -60,6 +76,7 @@ class FeatureTracker:
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device, copy=True)
         self.density_ema = tensors["density_ema"].to(self.device, copy=True)
+        self.refresh_bound()
 
 
 class TrainLogger:
@@ -70,11 +87,18 @@ class TrainLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", desc="sae")
         self.started, self.start_step = time.perf_counter(), start_step
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """`step` counts completed steps (1-based)."""
+    def due(self, step: int) -> bool:
+        """Whether `step` (completed steps, 1-based) is a log step: every log_every-th and the last."""
+        return step % self.every == 0 or step == self.total_steps
+
+    def log(self, step: int, metrics: dict[str, float] | None) -> None:
+        """Advance the bar to `step` (completed steps, 1-based); with metrics (read on log and checkpoint steps)
+        also refresh its numbers, and on log steps call log_fn."""
+        self.bar.update(1)
+        if metrics is None:
+            return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         metrics["tokens_per_s"] = (step - self.start_step) * self.batch_size / elapsed
-        self.bar.update(1)
         self.bar.set_postfix(
             loss=f"{metrics['loss']:.4f}",
             L0=f"{metrics['l0']:.1f}",
@@ -83,7 +107,7 @@ class TrainLogger:
             tok_s=f"{metrics['tokens_per_s']:.0f}",
             refresh=False,
         )
-        if self.log_fn is not None and (step % self.every == 0 or step == self.total_steps):
+        if self.log_fn is not None and self.due(step):
             self.log_fn(step, dict(metrics))
 
     def close(self) -> None:

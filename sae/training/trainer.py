@@ -9,12 +9,25 @@ in sae/training/; `sae.train` / `sae.build_trainer` (sae/api.py) put a Trainer t
 By default the step runs on sparse kernels (sae/sparse_code.py): after the one dense encoder GEMM,
 decoding and every backward touch only the selected latents. `sparse_kernels=False` runs the
 plain dense reference of the same maths (the tests hold the two to float64 agreement).
+
+`autocast` runs the encoder GEMM and the decode under torch.autocast (bf16/fp16); the weights, Adam state and
+the NMSE stay fp32, and on sparse kernels so does the whole backward (the GEMM runs without autograd).
+
+The step never waits on the device: its metrics stay device tensors (StepMetrics), read on log and checkpoint
+steps only, and NaN/inf is recorded and its update skipped on the device (finite_guard.py), then raised at the
+next log, before the next checkpoint write, or at the end. With AuxK, while the host knows no latent can be dead
+yet (FeatureTracker.may_be_dead) the aux loss, whose candidate search would sync, is skipped: it would be 0.
+What still syncs per step: the aux loss once latents may be dead (its candidate count sets tensor shapes),
+aux_zipf's weights, and the Mutual-/Feature-Choice selections (data-dependent sizes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,14 +35,14 @@ from torch import Tensor
 
 from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss, zipf_weights
 from sae.base import GRADS_HINT, SAE
-from sae.batch_items import check_finite
 from sae.calibration import calibrate
 from sae.config import FORMAT_VERSION, TrainConfig
-from sae.devices import resolve_device, to_device
+from sae.devices import autocast_dtype, resolve_device, to_device
 from sae.distributed import SINGLE_PROCESS, Collectives, centred_sum_of_squares, check_divisible, default_collectives
-from sae.errors import SAEConfigError, SAEDataError, SAETrainingError
+from sae.errors import SAEConfigError, SAEDataError
 from sae.sparse_code import SparseCode, decode_sparse
 from sae.training.checkpoint import Checkpointer, config_changes, read_checkpoint, restore_optimizer
+from sae.training.finite_guard import FiniteGuard, screen_batch
 from sae.training.initialization import initialize_from_data
 from sae.training.prefetch import batch_reader
 from sae.training.schedule import default_lr, lr_at
@@ -45,9 +58,11 @@ def project_decoder_grads(W_dec: Tensor) -> None:
 
 
 @torch.no_grad()
-def normalize_decoder_rows(W_dec: Tensor) -> None:
-    """Put the decoder rows back on the unit sphere after the optimiser step."""
-    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def normalize_decoder_rows(W_dec: Tensor, skip: Tensor | None = None) -> None:
+    """Put the decoder rows back on the unit sphere after the optimiser step; where the device flag `skip` is 1
+    (Adam skipped the step: finite_guard.py) they stay bit for bit as they are (x / 1.0 == x)."""
+    norm = W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    W_dec /= norm if skip is None else torch.where(skip > 0, 1.0, norm)
 
 
 def nmse(x: Tensor, x_hat: Tensor, coll: Collectives = SINGLE_PROCESS) -> Tensor:
@@ -57,6 +72,21 @@ def nmse(x: Tensor, x_hat: Tensor, coll: Collectives = SINGLE_PROCESS) -> Tensor
     ranks' losses sum to the global-batch NMSE.
     """
     return (x - x_hat).pow(2).sum() / centred_sum_of_squares(x, coll)
+
+
+@dataclass
+class StepMetrics:
+    """One step's metrics as the step leaves them: on the device, until Trainer.read_metrics reads them."""
+
+    totals: Tensor
+    "[3] reconstruction NMSE, aux loss and selected-and-firing latents, summed over ranks."
+    grad_norm: Tensor
+    "The global gradient norm before clipping."
+    lr: float
+    tokens: int
+    "Rows of the global batch."
+    stats: dict[str, Tensor | float]
+    "The architecture's selection stats (sae.base.Selection.stats)."
 
 
 class Trainer:
@@ -104,6 +134,7 @@ class Trainer:
             dead_tokens=dead_tokens,
         )
         self.device = resolve_device(cfg.device)
+        self.autocast_dtype = autocast_dtype(cfg.autocast, self.device)  # the bf16 check needs the device
         sae.to(self.device)  # before the optimiser is built over its parameters
         if self.device.type != "cpu":
             stream = DeviceStream(stream, self.device)
@@ -118,6 +149,12 @@ class Trainer:
             eps=cfg.adam_eps,
             fused=True,  # one kernel per parameter: ~3x faster than the per-op loop on CPU, same update
         )
+        self.guard = FiniteGuard(self.device)
+        # Fused Adam reads found_inf on the device (as under torch's GradScaler): while it is 1.0 the step leaves
+        # weights, moments and step counts untouched, with no host branch.
+        self.optimizer.found_inf = self.guard.skip
+        self.metrics: dict[str, float] = {}
+        "The metrics last read (on a log or checkpoint step)."
         self._pre_acts: Tensor | None = None  # reused [B, F] buffer: no 150 MB allocation per step
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
         self.step = 0
@@ -129,28 +166,64 @@ class Trainer:
         if not self.resume():
             self.initialize()
         logger = TrainLogger(self.total_steps, self.step, self.cfg.batch_size, self.cfg, self.log_fn)
-        metrics: dict[str, float] = {}
         try:
             with batch_reader(self.stream, self.step, self.total_steps, self.cfg.prefetch_batches) as batches:
                 for step, batch in batches:
-                    metrics = self.advance(step, batch, logger)
+                    self.advance(step, batch, logger)
         finally:
             logger.close()
-        self.finish(metrics)
+        self.finish(self.metrics)
         return self.sae
 
     def advance(self, step: int, batch: tuple[Tensor, Tensor | None], logger: TrainLogger) -> dict[str, float]:
-        """One step of the run: train on the batch, log, and checkpoint when due."""
-        metrics = self.train_step(step, *batch)
+        """One step of the run: train on the batch; on log and checkpoint steps read its metrics (after the NaN/inf
+        check), log them and checkpoint when due. Returns the metrics last read."""
+        raw = self.train_step(step, *batch)
         self.step = step + 1
-        logger.log(self.step, metrics)
         every = self.cfg.checkpoint_every
-        due = self.step == self.total_steps or (every and self.step % every == 0)
-        if self.checkpointer and self.coll.is_main and due:
-            self.save_checkpoint(metrics)
-        return metrics
+        due = self.step == self.total_steps or bool(every and self.step % every == 0)
+        save = self.checkpointer is not None and due
+        read = save or logger.due(self.step)  # every rank alike, so all raise at the same check
+        if read:
+            self.metrics = self.read_metrics(raw)
+        logger.log(self.step, self.metrics if read else None)
+        if save and self.coll.is_main:
+            self.save_checkpoint(self.metrics)
+        return self.metrics
+
+    def read_metrics(self, raw: StepMetrics) -> dict[str, float]:
+        """A step's metrics as numbers, after raise_if_non_finite: the host reads of a log or checkpoint step."""
+        self.raise_if_non_finite()
+        names = [name for name, value in raw.stats.items() if isinstance(value, Tensor)]
+        parts = [raw.totals, raw.grad_norm, self.tracker.dead_fraction(), *(raw.stats[name] for name in names)]
+        values = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in parts]).tolist()  # one sync
+        rec, aux, fired, grad_norm, dead_frac, *stat_values = values
+        self.tracker.refresh_bound()  # a second read, of one int, while the device is idle anyway
+        return {
+            "loss": rec + self.cfg.aux_coef * aux,
+            "fvu": rec,  # batch NMSE in the training space (= batch FVU under scalar norm)
+            "aux_loss": aux,
+            "l0": fired / raw.tokens,
+            "dead_frac": dead_frac,
+            "lr": raw.lr,
+            "grad_norm": grad_norm,
+            **raw.stats,
+            **dict(zip(names, stat_values, strict=True)),
+        }
+
+    def raise_if_non_finite(self) -> None:
+        """Raise naming the first step with NaN/inf (finite_guard.py), if any: a host read, made at every log, before
+        every checkpoint write and at the end. The SAE then holds the weights from before that step."""
+        first = self.guard.first_bad_step()
+        if first is not None:
+            completed, self.step = self.step, first
+            hint = ""
+            if self.cfg.autocast == "fp16":
+                hint = " Under autocast fp16, pre-activations beyond fp16's range (65504) become inf: try bf16."
+            raise self.guard.error(completed, hint)
 
     def finish(self, metrics: dict[str, float]) -> None:
+        self.raise_if_non_finite()
         self.sae.training_info = self.training_info(metrics)
         # The trained SAE is used by one process from here on (rank 0 evaluates it): a batch-mode encode
         # must not wait on ranks that are no longer training.
@@ -162,14 +235,31 @@ class Trainer:
             calibrate(self.sae, acts, max_rows=rows, train_batch_size=self.cfg.batch_size,
                       source="training data (in-sample)")
 
-    def losses(self, x_n: Tensor, g_n: Tensor | None) -> tuple[Tensor, Tensor, SparseCode, dict[str, float]]:
-        """(reconstruction NMSE, aux loss, code z, selection stats) of one normalised batch."""
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """torch.autocast to cfg.autocast's dtype on this device, or nothing (autocast none)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def losses(
+        self, x_n: Tensor, g_n: Tensor | None
+    ) -> tuple[Tensor, Tensor, SparseCode, dict[str, Tensor | float]]:
+        """(reconstruction NMSE, aux loss, code z, selection stats) of one normalised batch: encoder GEMM and decode
+        under autocast when asked, the NMSE terms on fp32 residuals (so in fp32)."""
+        with self.autocast():
+            x_hat, aux, code, stats = self._forward(x_n, g_n)
+        return nmse(x_n, x_hat.to(x_n.dtype), self.coll), aux.to(x_n.dtype), code, stats
+
+    def _forward(self, x_n: Tensor, g_n: Tensor | None) -> tuple[Tensor, Tensor, SparseCode, dict[str, Tensor | float]]:
+        """(x_hat, aux loss, code z, selection stats): the sparse kernels, or the dense reference."""
         sae = self.sae
         weights = self.aux_weights()
         if self.cfg.sparse_kernels:
-            buffer = self._pre_acts
-            if buffer is None or buffer.shape != (x_n.shape[0], sae.cfg.n_features) or buffer.dtype != x_n.dtype:
-                buffer = self._pre_acts = x_n.new_empty(x_n.shape[0], sae.cfg.n_features)
+            buffer = None  # under autocast the GEMM makes a new bf16/fp16 tensor (an fp32 out= would turn it off)
+            if self.autocast_dtype is None:
+                buffer = self._pre_acts
+                if buffer is None or buffer.shape != (x_n.shape[0], sae.cfg.n_features) or buffer.dtype != x_n.dtype:
+                    buffer = self._pre_acts = x_n.new_empty(x_n.shape[0], sae.cfg.n_features)
             sel = sae.encode_train_sparse(x_n, g_n, out=buffer)
             x_hat = decode_sparse(sel.code, sae.W_dec) + sae.b_dec
             residual = (x_n - x_hat).detach()
@@ -179,7 +269,7 @@ class Trainer:
                     sel.encoder_input, sae.W_enc, sae.b_enc, sel.pre_acts, residual, sae.W_dec, weights, self.k_aux,
                     self.coll, exclude=sel.code.support,
                 )
-            return nmse(x_n, x_hat, self.coll), aux, sel.code, sel.stats
+            return x_hat, aux, sel.code, sel.stats
         z, selection = sae.encode_train(x_n, g_n)
         x_hat = sae.decode_normalized(z)
         residual = (x_n - x_hat).detach()
@@ -189,21 +279,18 @@ class Trainer:
                 selection.pre_acts, residual, sae.W_dec, weights, self.k_aux, self.coll, exclude=selection.support
             )
         support = selection.support
-        return nmse(x_n, x_hat, self.coll), aux, SparseCode(support, z[support.rows, support.cols]), selection.stats
+        return x_hat, aux, SparseCode(support, z[support.rows, support.cols]), selection.stats
 
-    def train_step(self, step: int, x: Tensor, grads: Tensor | None) -> dict[str, float]:
-        """One optimiser step on batch x (and LM gradients); raises before updating on NaN/inf."""
+    def train_step(self, step: int, x: Tensor, grads: Tensor | None) -> StepMetrics:
+        """One optimiser step on batch x (and LM gradients) without a host sync: the metrics stay on the device, and
+        a NaN/inf batch, loss or gradient norm is recorded by the guard, which skips this update and every later one
+        on the device (Trainer.raise_if_non_finite raises at the next log or checkpoint step, or at the end)."""
         sae = self.sae
         x, grads = to_device(x, self.device), to_device(grads, self.device)  # a shared stream's batches (multi_train)
-        check_finite(x, grads, f"step {step} (batch {step} of the stream)")
+        x, grads, inputs = screen_batch(x, grads)
         x_n, g_n, _ = sae.normalize(x, grads)
         rec, aux, code, stats = self.losses(x_n, g_n)
         loss = rec + self.cfg.aux_coef * aux
-        if not torch.isfinite(loss):
-            raise SAETrainingError(
-                f"the loss became {loss.item()} at step {step} (reconstruction {rec.item()}, aux {aux.item()}); "
-                "no update was applied. Lower lr or check the activations' scale."
-            )
         lr = lr_at(step, self.total_steps, self.lr, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -214,29 +301,32 @@ class Trainer:
             self.coll.sum_(p.grad)
         project_decoder_grads(sae.W_dec)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise SAETrainingError(f"gradients became non-finite at step {step}; no update was applied.")
-        self.optimizer.step()
-        normalize_decoder_rows(sae.W_dec)
+        skip = self.guard.update(step, inputs, loss.detach(), rec.detach(), aux.detach(), grad_norm)
+        self.optimizer.step()  # a no-op on the device while skip (its found_inf) is 1.0
+        normalize_decoder_rows(sae.W_dec, skip)
         code = SparseCode(code.support, code.values.detach())
-        self.tracker.update(code)
-        sae.observe(code, step, self.total_steps)
-        totals = torch.stack([rec.detach(), aux.detach(), code.l0_per_token().sum().to(rec.dtype)])
-        rec_total, aux_total, l0_sum = self.coll.sum_(totals).tolist()
-        return {
-            "loss": rec_total + self.cfg.aux_coef * aux_total,
-            "fvu": rec_total,  # batch NMSE in the training space (= batch FVU under scalar norm)
-            "aux_loss": aux_total,
-            "l0": l0_sum / (x.shape[0] * self.coll.world_size),
-            "dead_frac": self.tracker.dead_fraction(),
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            **stats,
-        }
+        with self.undone_if(skip):
+            self.tracker.update(code)
+            sae.observe(code, step, self.total_steps)
+        totals = torch.stack([rec.detach(), aux.detach(), code.active().sum().to(rec.dtype)])
+        return StepMetrics(self.coll.sum_(totals), grad_norm, lr, x.shape[0] * self.coll.world_size, stats)
+
+    @contextlib.contextmanager
+    def undone_if(self, skip: Tensor) -> Iterator[None]:
+        """Undo on the device what the block changes in the SAE's buffers (thresholds, EMAs) and the latent counters
+        where the flag `skip` is 1, so a skipped step changes no state at all. The copies are [F] vectors."""
+        state = [*self.sae.buffers(), *self.tracker.state_tensors().values()]
+        before = [t.clone() for t in state]
+        yield
+        with torch.no_grad():
+            for t, old in zip(state, before, strict=True):
+                t.copy_(torch.where(skip > 0, old, t))
 
     def aux_weights(self) -> Tensor | None:
         """Per-latent aux weights from the dead/density state before this step: AuxK 1[dead], aux_zipf
         the Zipf deficit (sae/aux_losses.py); None when the run has no aux loss."""
+        if self.cfg.aux_loss == "auxk" and not self.tracker.may_be_dead():
+            return None  # no latent can be dead yet, so AuxK is 0: skipping it spares its candidate search's sync
         dead = self.tracker.dead_mask()
         if self.cfg.aux_loss == "auxk":
             return dead.to(self.sae.W_dec.dtype)
