@@ -10,9 +10,9 @@ import streamlit as st
 import torch
 
 from activations import CacheError, load_cache
-from dashboard import figures
+from dashboard import data, figures
 from experiments.analysis.store import AnalysisStore, StoreError
-from experiments.attention import head_dfa
+from experiments.attention import HeadViewError, attention_inputs, head_dfa, source_dfa
 from sae import SAEError
 from sae import load as load_sae
 
@@ -76,8 +76,12 @@ def head_views(store: AnalysisStore, sae: str, idx: int, card: dict) -> None:
         return
     st.plotly_chart(figures.head_bars(shares), width="stretch")
     cache_dir = store.sae(sae)["metrics"].get("analysis_cache")
-    if not card["top_contexts"] or not cache_dir or not st.button("Attribute the top contexts to heads (DFA)",
-                                                                  key="head_dfa"):
+    if not card["top_contexts"] or not cache_dir:
+        return
+    by_head = st.button("Attribute the top contexts to heads (DFA)", key="head_dfa")
+    by_source = st.button("Attribute the top context to source positions", key="source_dfa",
+                          help="runs the model once on that context for its attention pattern and values")
+    if not (by_head or by_source):
         return
     try:
         cache = load_cache(cache_dir)
@@ -86,6 +90,9 @@ def head_views(store: AnalysisStore, sae: str, idx: int, card: dict) -> None:
         st.error(f"cannot compute DFA: {exc}")
         return
     hook = store.sae(sae)["hook"]
+    if by_source:
+        source_view(store.sae(sae), sae_model, cache, hook, idx, card["top_contexts"][0])
+        return
     rows = torch.cat([cache.rows(c["row"], c["row"] + 1, hook=hook) for c in card["top_contexts"]])
     terms, bias = head_dfa(sae_model, rows, idx, len(shares))
     table = [{"context": i, "pre-activation": round(float(t.sum() + b), 4),
@@ -95,3 +102,29 @@ def head_views(store: AnalysisStore, sae: str, idx: int, card: dict) -> None:
     st.plotly_chart(figures.head_bars(mean, "Direct feature attribution: mean head term over the top contexts"),
                     width="stretch")
     st.dataframe(table, hide_index=True, width="stretch")
+
+
+def source_view(info: dict, sae_model, cache, hook: str, idx: int, context: dict) -> None:
+    """DFA by source position on the top context: each (head, source token)'s exact term in the feature's
+    pre-activation at the context's peak, from one forward of that context (experiments/attention.py)."""
+    token_ids, position = cache.context_of(int(context["row"]))
+    try:
+        model = data.load_lm(info["model"])
+        prefix = torch.as_tensor(token_ids[: position + 1], dtype=torch.long)  # causal: later tokens do not matter
+        pattern, v = attention_inputs(model, hook, prefix, position)
+        terms, offsets, b_enc = source_dfa(sae_model, pattern, v, idx)
+    except HeadViewError as exc:
+        st.error(str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - a model that cannot load is a message in the page, never a traceback
+        st.error(f"cannot run the model {info['model']!r} on this context: {exc}")
+        return
+    tokens = [model.tokenizer.decode([t]) for t in token_ids[: position + 1].tolist()]
+    total = float(terms.sum() + offsets.sum() + b_enc)
+    st.caption(f"pre-activation at position {position} ({tokens[-1]!r}) = {total:.4f}: Σ head×source terms "
+               f"{float(terms.sum()):.4f} + b_pre terms {float(offsets.sum()):.4f} + b_enc {float(b_enc):.4f}")
+    st.plotly_chart(figures.source_bars(tokens, terms.double().sum(0).tolist()), width="stretch")
+    flat = [(float(terms[h, j]), h, j) for h in range(terms.shape[0]) for j in range(terms.shape[1])]
+    top = sorted(flat, key=lambda t: -abs(t[0]))[:10]
+    st.dataframe([{"head": f"H{h}", "source": j, "token": tokens[j], "term": round(t, 4)} for t, h, j in top],
+                 hide_index=True, width="stretch")

@@ -39,6 +39,16 @@ def head_bars(shares: list[float], title: str = "Head attribution (share of the 
     return fig
 
 
+def source_bars(tokens: list[str], terms: list[float]) -> go.Figure:
+    """One bar per source position: its term (summed over heads) in the feature's pre-activation."""
+    labels = [f"{j}:{t!r}" for j, t in enumerate(tokens)]
+    fig = go.Figure(go.Bar(x=labels, y=terms))
+    fig.update_layout(xaxis_title="source position", yaxis_title="term", height=300,
+                      title="Direct feature attribution by source position (summed over heads)",
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
 def tradeoff(saes: list[dict[str, Any]], metric: str, label: str) -> go.Figure:
     """L0 against `metric` across SAEs, one labelled point per SAE; SAEs without the metric are left out."""
     points = [s for s in saes if isinstance(s["metrics"].get(metric), int | float) and "l0" in s["metrics"]]

@@ -21,6 +21,7 @@ PAGE_TABLE: dict[str, tuple[str, str]] = {
     "dead": ("dead_features.py", "Dead features"),
     "inspect": ("inspector.py", "Prompt inspector"),
     "steering": ("steering.py", "Steering"),
+    "ioi": ("ioi.py", "IOI: SAE vs supervised dictionaries"),
 }
 """url path -> (file under views/, title), in menu order."""
 

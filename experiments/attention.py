@@ -60,3 +60,55 @@ def head_dfa(sae_model, z: Tensor, feature: int, n_heads: int) -> tuple[Tensor, 
     column = sae_model.W_enc[:, feature]
     terms = (x_in * column).reshape(x_in.shape[0], n_heads, width // n_heads).sum(-1)
     return terms.detach(), sae_model.b_enc[feature].detach().expand(x_in.shape[0])
+
+
+LINEAR_NORMALIZATIONS = ("none", "scalar")
+"""Normalisations under which the encoder input is affine in the row, so it splits over source positions."""
+
+
+@torch.no_grad()
+def source_dfa(sae_model, pattern: Tensor, v: Tensor, feature: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Feature `feature`'s pre-activation at one destination position, split over heads and source positions.
+
+    pattern [n_heads, k] is the destination's attention row per head (hook_pattern), v [k, n_kv_heads, d_head]
+    the values (hook_v; grouped-query heads share theirs). z[h] = Σ_j pattern[h, j] v[j, h], and the encoder
+    input is affine in z under a scalar normalisation, so with f(z) = encoder_input(normalize(z)):
+
+        a_f = Σ_{h,j} (f(c_hj) − f(0))·W_enc[:, f] + f(0)·W_enc[:, f] + b_enc[f],   c_hj = pattern[h, j] v[j, h]
+
+    Returns (terms [n_heads, k], the f(0) term per head [n_heads] (−b_pre's share), b_enc[f]); everything sums to
+    the pre-activation exactly (up to float rounding).
+    """
+    normalization = sae_model.cfg.normalization
+    if normalization not in LINEAR_NORMALIZATIONS:
+        raise HeadViewError(f"attribution to source positions needs a scalar normalisation (the encoder input linear "
+                            f"in the row); this SAE uses {normalization!r}")
+    n_heads, k = pattern.shape
+    if v.shape[1] != n_heads:
+        if n_heads % v.shape[1]:
+            raise HeadViewError(f"{v.shape[1]} value heads do not divide {n_heads} query heads")
+        v = v.repeat_interleave(n_heads // v.shape[1], dim=1)
+    d_head = v.shape[-1]
+    dtype = sae_model.W_enc.dtype
+    contrib = pattern.to(dtype).T[:, :, None] * v.to(dtype)  # [k, n_heads, d_head]: c_hj in head h's block
+    rows = torch.zeros(k, n_heads, n_heads, d_head, dtype=dtype)
+    heads = torch.arange(n_heads)
+    rows[:, heads, heads] = contrib
+    rows = rows.reshape(k * n_heads, n_heads * d_head)
+    zero = torch.zeros(1, n_heads * d_head, dtype=dtype)
+    f0 = sae_model.encoder_input(sae_model.normalize(zero)[0])
+    fc = sae_model.encoder_input(sae_model.normalize(rows)[0]) - f0
+    column = sae_model.W_enc[:, feature]
+    terms = (fc @ column).reshape(k, n_heads).T
+    offsets = (f0[0] * column).reshape(n_heads, d_head).sum(-1)
+    return terms.detach(), offsets.detach(), sae_model.b_enc[feature].detach()
+
+
+def attention_inputs(model, hook: str, token_ids: Tensor, position: int) -> tuple[Tensor, Tensor]:
+    """(pattern [n_heads, k], v [k, n_kv_heads, d_head]) of one context at the layer of `hook` (blocks.L.attn.hook_z)
+    for the destination `position`: one forward of that context, the only one a source attribution needs."""
+    check_hook_z(hook)
+    layer = hook.split(".")[1]
+    names = [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
+    _, cache = model.run_with_cache(token_ids.reshape(1, -1), names_filter=names)
+    return cache[names[0]][0, :, position, : position + 1], cache[names[1]][0, : position + 1]

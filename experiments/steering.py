@@ -157,8 +157,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
 
 @torch.no_grad()
-def _generate(model, tokens: torch.Tensor, hooks, n_rows: int, max_new_tokens: int, temperature: float,
-              top_p: float, seed: int, offset: list[int], on_token=None) -> list[list[int]]:
+def generate_continuations(model, tokens: torch.Tensor, hooks, n_rows: int, max_new_tokens: int, temperature: float,
+                           top_p: float, seed: int, offset: list[int], on_token=None) -> list[list[int]]:
     """Sample `n_rows` continuations in one batch with a KV cache (on CPU a step's cost is mostly per call);
     each row has its own generator with the same seed, so rows differ only by their steering.
     `offset[0]` tells the steering hook the absolute position of the tokens fed at each step; `on_token(i, n)`
@@ -220,9 +220,9 @@ def steer_generate(model, sae_model, hook: str, features: list[int], values: lis
     directions = feature_directions(sae_model, features)
     rows = torch.tensor([[float("nan")] * len(features), *values], dtype=torch.float32)  # row 0: the baseline
     hooks = [(hook, steering_hook(sae_model, features, rows, directions, mode, mask_of))]
-    texts = [model.tokenizer.decode(ids) for ids in
-             _generate(model, tokens, hooks, rows.shape[0], max_new_tokens, temperature, top_p, seed, offset,
-                       on_token)]
+    rows_out = generate_continuations(model, tokens, hooks, rows.shape[0], max_new_tokens, temperature, top_p, seed,
+                                      offset, on_token)
+    texts = [model.tokenizer.decode(ids) for ids in rows_out]
     return SteeringResult(texts[0], texts[1:])
 
 

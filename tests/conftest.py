@@ -87,6 +87,11 @@ def char_tokenizer(char_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_model(char_tokenizer):
     """A randomly initialised 3-layer HookedTransformer (d_model 32, 4 heads of 8, d_mlp 64), frozen, eval mode."""
+    return make_tiny_model(char_tokenizer)
+
+
+def make_tiny_model(char_tokenizer, n_ctx: int = 64):
+    """The tiny_model fixture's HookedTransformer, with another context length if asked."""
     import warnings
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -97,7 +102,7 @@ def tiny_model(char_tokenizer):
         d_head=8,
         n_heads=4,
         d_mlp=64,
-        n_ctx=64,
+        n_ctx=n_ctx,
         d_vocab=len(VOCAB),
         act_fn="gelu",
         normalization_type="LN",

@@ -157,7 +157,7 @@ def test_dead_features_page(app_env):
 
 def test_missing_store_is_a_message(tmp_path, monkeypatch):
     monkeypatch.setenv("SAEWB_STORE", str(tmp_path / "none"))
-    for name in ("overview", "features", "dead_features", "inspector", "steering"):
+    for name in ("overview", "features", "dead_features", "inspector", "steering", "ioi"):
         at = page(name).run()
         assert not at.exception
         assert "saewb analyze --sae" in at.error[0].value
@@ -404,7 +404,7 @@ DAMAGE = [("garbage", "is not a readable analysis store"), ("empty", "is empty o
 def test_a_damaged_store_is_one_message_on_every_page(tmp_path, monkeypatch, kind, message):
     """Bug fixed: a corrupt or empty store.sqlite showed an uncaught DatabaseError / 'no such table' in every page."""
     monkeypatch.setenv("SAEWB_STORE", str(_damaged_store(tmp_path / "store", kind)))
-    for name in ("overview", "features", "dead_features", "inspector", "steering"):
+    for name in ("overview", "features", "dead_features", "inspector", "steering", "ioi"):
         at = page(name).run()
         assert not at.exception, name
         assert message in at.error[0].value and "saewb analyze" in at.error[0].value, name

@@ -750,7 +750,9 @@ def test_saewb_unlearn_json_reports_each_clamp_size(caches, tmp_path, capsys, co
     points = json.loads(out)
     assert [p["n_features"] for p in points] == [0, 1, 4, 16]
     assert all(set(p) >= {"n_features", "forgetting", "kl", "delta_ce"} for p in points)
-    assert points[0] == {"n_features": 0, "features": [], "forgetting": 0.0, "kl": 0.0, "delta_ce": 0.0}
+    # the char tokenizer has no three-letter word token: no containment rate
+    assert points[0] == {"n_features": 0, "features": [], "forgetting": 0.0, "kl": 0.0, "delta_ce": 0.0,
+                         "contained": None}
     assert [len(p["features"]) for p in points] == [0, 1, 4, 16]
     assert points[2]["features"][:1] == points[1]["features"]  # one ranking, clamped deeper and deeper
     assert points[3]["kl"] > 0
@@ -775,7 +777,8 @@ def test_saewb_unlearn_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, co
     train_run(run_cfg(caches, tmp_path, total_tokens=512))
     for extra, message in [(["--sizes", "1,x"], "--sizes must be comma-separated integers"),
                            (["--sizes", "999"], "clamp sizes must be in 0..64"),
-                           (["--concept", "a"], "the concept text needs at least two tokens")]:
+                           (["--concept", "a"], "the concept text needs at least two tokens"),
+                           (["--generation-tokens", "-1"], "--generation-tokens must be in 0..200, got -1")]:
         args = ["unlearn", "--sae", tmp_path / "run", "--concept", "the fox", "--contexts", "1", "--context-length",
                 "8", "--corpus", corpus_txt, *extra]
         code, _, err = cli(capsys, *args)
@@ -854,3 +857,32 @@ def test_lr_selection_of_a_subset_of_runs_keeps_the_other_labels_choice(tmp_path
     compare.select_learning_rates(runs, [0.5, 1, 2], 100, 10, tmp_path)
     compare.select_learning_rates(runs[:1], [0.5, 1, 2], 100, 10, tmp_path)
     assert compare.read_lr_selection(tmp_path, ["topk", "mutual_choice"]) == {"topk": 1e-3, "mutual_choice": 1e-3}
+
+
+def test_generation_containment_counts_prompts_whose_greedy_continuation_holds_a_concept_token(hf_model, caches,
+                                                                                                tmp_path):
+    from experiments.steering import generate_continuations
+    from experiments.unlearning import concept_token_ids, containment, generation_prompts
+
+    model, _ = train_run(run_cfg(caches, tmp_path, total_tokens=1024))
+    neutral = torch.from_numpy(np.asarray(load_cache(caches[1]).tokens[:3]).astype(np.int64))
+    concept = torch.tensor([[2, 10, 11, 12, 13]])
+    prompts = generation_prompts(concept, neutral, n_neutral=3, length=5)
+    assert [p.shape[1] for p in prompts] == [3, 5, 5, 5] and torch.equal(prompts[0], concept[:, :3])
+    clean = [generate_continuations(hf_model, p, [], 1, 6, 0.0, 1.0, 0, [0])[0] for p in prompts]
+    wanted = set(clean[0][:1])  # the first token the clean model writes after the concept prompt
+    expected = sum(any(t in wanted for t in c) for c in clean) / 4
+    assert containment(hf_model, model, HOOK, [], 0.0, prompts, wanted, 6) == expected >= 1 / 4
+    clamped = containment(hf_model, model, HOOK, list(range(64)), 0.0, prompts, wanted, 6)
+    assert 0.0 <= clamped <= 1.0
+
+    class WordTokenizer:  # ids 10.. decode to words; "of" and "tree" (in a neutral context) never count
+        words = {10: " Moses", 11: " of", 12: " tree", 13: "!!!", 14: " Egypt"}
+
+        def decode(self, ids):
+            return self.words[ids[0]]
+
+    class Model:
+        tokenizer = WordTokenizer()
+
+    assert concept_token_ids(Model(), torch.tensor([[2, 10, 11, 12, 13, 14]]), torch.tensor([[2, 12]])) == {10, 14}

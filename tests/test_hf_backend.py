@@ -20,7 +20,7 @@ from experiments.analysis.geometry import logit_lens
 from experiments.analysis.store import AnalysisStore
 from experiments.cli import main
 from experiments.evaluation import model_in_the_loop, restart_layer
-from experiments.steering import _generate
+from experiments.steering import generate_continuations
 
 CONTEXT = 16
 
@@ -224,8 +224,8 @@ def test_train_eval_and_steer_an_sae_on_the_hf_backend(tiny_hf_folder, corpus_tx
 
 def test_generation_with_the_hf_kv_cache_equals_the_transformer_lens_one(hf, tl):
     prompt = tokens(4, n=1)
-    ours = _generate(hf, prompt, [], 2, 6, 0.0, 1.0, 0, [0])
-    theirs = _generate(tl, prompt, [], 2, 6, 0.0, 1.0, 0, [0])
+    ours = generate_continuations(hf, prompt, [], 2, 6, 0.0, 1.0, 0, [0])
+    theirs = generate_continuations(tl, prompt, [], 2, 6, 0.0, 1.0, 0, [0])
     assert ours == theirs and len(ours[0]) == 6
 
 

@@ -10,13 +10,15 @@ import re
 
 import pytest
 import torch
-from conftest import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from conftest import BOS_ID, EOS_ID, PAD_ID, UNK_ID, page
 
 import sae as sae_lib
 from activations import load_model
+from dashboard.views import ioi as ioi_page
 from experiments.cli import ioi as ioi_cli
 from experiments.ioi import (
     ATTRIBUTES,
+    N_LATENTS,
     NAMES,
     TEMPLATES,
     IOIError,
@@ -260,3 +262,40 @@ def test_saewb_ioi_refuses_a_width_mismatch_missing_metadata_and_a_tokenizer_wit
     with pytest.raises(IOIError, match="the SAE does not name its hook"):
         run_ioi(model, sae_lib.load(bare), n_prompts=24, n_names=6)
     assert run_ioi(model, sae_lib.load(narrow.parent / "sae"), n_prompts=24, n_names=6, n_latents=(1,)).hook == HOOK
+
+
+def test_the_ioi_page_runs_the_evaluation_and_shows_the_table_and_figure(model, ioi_folder, tmp_path, monkeypatch):
+    """The dashboard page runs run_ioi on the picked SAE and shows its numbers: the same as run_ioi's."""
+    folder = make_sae(tmp_path / "sae", str(ioi_folder))
+    sae_model = sae_lib.load(folder)
+
+    class Store:
+        def sae(self, name):
+            return {"hook": HOOK, "model": str(ioi_folder), "path": str(folder)}
+
+    monkeypatch.setattr(ioi_page, "get_store", Store)
+    monkeypatch.setattr(ioi_page, "pick_sae", lambda store: "tiny")
+    monkeypatch.setattr(ioi_page, "model_and_sae", lambda store, name: (model, sae_model, HOOK))
+    at = page("ioi").run()
+    assert not at.exception and not at.dataframe  # nothing runs before the button
+    at.number_input[0].set_value(24)
+    at.number_input[1].set_value(6)
+    at.button(key="run_ioi").click().run()
+    assert not at.exception and not at.error
+    expected = run_ioi(model, sae_model, HOOK, n_prompts=24, n_names=6)
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["supervised", f"sae (≤ {max(N_LATENTS)} latents)"]
+    assert table["necessity"].tolist() == pytest.approx([expected.necessity["supervised"], expected.necessity["sae"]])
+    assert at.metric[1].value == f"{expected.accuracy:.1%}" and len(at.get("plotly_chart")) == 1
+    assert set(at.dataframe[2].value["attribute"]) == set(ATTRIBUTES)
+
+
+def test_the_ioi_page_refuses_an_hf_backend_hook(monkeypatch):
+    class Store:
+        def sae(self, name):
+            return {"hook": "model.layers.1", "model": "m", "path": "p"}
+
+    monkeypatch.setattr(ioi_page, "get_store", Store)
+    monkeypatch.setattr(ioi_page, "pick_sae", lambda store: "hf-sae")
+    at = page("ioi").run()
+    assert not at.exception and "IOI reads transformer_lens hooks" in at.info[0].value

@@ -63,17 +63,22 @@ def run_unlearn(args: argparse.Namespace) -> int:
         raise SteeringError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
     if not sizes:
         raise SteeringError("give at least one clamp size")
+    if not 0 <= args.generation_tokens <= 200:
+        raise SteeringError(f"--generation-tokens must be in 0..200, got {args.generation_tokens}")
     model = activations.load_model(name, backend=activations.backend_of_hook(hook))
     neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
-    points = unlearn_sweep(model, model_sae, hook, args.concept, neutral, sizes, args.clamp)
+    points = unlearn_sweep(model, model_sae, hook, args.concept, neutral, sizes, args.clamp, args.generation_tokens)
     if args.json:
         print(json.dumps([vars(p) for p in points]))
         return 0
     print(f"concept {args.concept!r} at {hook} of {name}: forgetting = drop of its mean next-token log p; "
           f"cost on {int(neutral.numel())} neutral tokens")
-    print(f"{'clamped':>8} {'forgetting':>11} {'KL':>9} {'ΔCE':>9}  features")
+    print(f"{'clamped':>8} {'forgetting':>11} {'KL':>9} {'ΔCE':>9} {'contained':>9}  features")
     for p in points:
-        print(f"{p.n_features:8d} {p.forgetting:11.4f} {p.kl:9.4f} {p.delta_ce:9.4f}  {p.features}")
+        contained = "-" if p.contained is None else f"{p.contained:.2f}"
+        print(f"{p.n_features:8d} {p.forgetting:11.4f} {p.kl:9.4f} {p.delta_ce:9.4f} {contained:>9}  {p.features}")
+    print("contained: share of greedy continuations holding a concept word (- : none, or the concept has no word "
+          "that is absent from the neutral contexts)")
     return 0
 
 
@@ -122,11 +127,15 @@ def add_parsers(sub) -> None:
         description="Rank the SAE's features by selectivity for --concept (mean activation on its tokens minus on "
         "neutral contexts of the default corpus), clamp the top 1, 2, 4, 8, 16 (to --clamp, default 0) at every "
         "position at the SAE's hook, and report forgetting (the drop of the concept text's next-token "
-        "log-probability) against retention cost (KL(clamped || clean) and the CE change on the neutral contexts).",
+        "log-probability, and how often greedy continuations still contain a concept word) against retention cost "
+        "(KL(clamped || clean) and the CE change on the neutral contexts).",
     )
     _add_intervention_arguments(unlearn)
     unlearn.add_argument("--concept", required=True, help="text of the concept to forget")
     unlearn.add_argument("--sizes", default="1,2,4,8,16", help="numbers of features to clamp (default: 1,2,4,8,16)")
     unlearn.add_argument("--clamp", type=float, default=0.0, help="value the features are clamped to (default: 0)")
+    unlearn.add_argument("--generation-tokens", type=int, default=16,
+                         help="new tokens of each greedy continuation the containment rate reads (0: skip; default 16)"
+                         "; prompts: the concept's first half and the starts of 4 neutral contexts")
     unlearn.add_argument("--json", action="store_true", help="print a JSON list, one object per clamp size")
     unlearn.set_defaults(func=run_unlearn)
