@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.corpus import corpus_fingerprint, iter_texts, load_corpus, pack_tokens
+from activations.devices import DeviceError, check_device_spec, resolve_device
 from activations.format import DTYPES, FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError, sha256_file
 from activations.hf_backend import BACKENDS
 from activations.hooks import HookSpec, expand_hooks, is_pattern, resolve_hooks, stop_layer
@@ -89,9 +90,16 @@ class CacheConfig:
     "Contexts per shard (default: about 128 MB of the widest hook)."
     skip_contexts: int = 0
     "Skip this many packed contexts first: a held-out cache that continues a training cache of the same corpus+seed."
+    device: str = "auto"
+    ("Where the model runs: auto (CUDA when torch sees a GPU, else CPU), cpu, cuda or cuda:N; rows are stored from "
+     "the CPU either way (not part of the cache's identity: a resume may use another device).")
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        try:
+            check_device_spec(self.device)
+        except DeviceError as exc:
+            raise CacheError(f"--device: {exc}") from None
         if self.backend not in BACKENDS:
             raise CacheError(f"unknown --backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
@@ -283,7 +291,7 @@ def _run_batch(model, tokens: torch.Tensor, specs: list[HookSpec], with_grads: b
 
 
 def _to_storage(rows: torch.Tensor, dtype: str) -> np.ndarray:
-    rows = rows.to(DTYPES[dtype]).contiguous()
+    rows = rows.to(DTYPES[dtype]).cpu().contiguous()
     if dtype == "bfloat16":
         return rows.view(torch.int16).numpy().view(np.uint16)
     return rows.numpy()
@@ -298,8 +306,9 @@ def make_tokens(cfg: CacheConfig, tokenizer, bos_id: int, n_contexts: int) -> np
 def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
     """Create or resume the cache described by ``cfg``; returns the final manifest."""
     cfg.validate()
+    _device(cfg)  # before any folder is made
     if any(is_pattern(h) for h in cfg.hooks):  # the manifest lists the hooks a pattern stood for
-        model = model or load_model(cfg.model, backend=cfg.backend)
+        model = model or _load(cfg)
         cfg = dataclasses.replace(cfg, hooks=expand_hooks(model, cfg.hooks))
     out = Path(cfg.out).expanduser()
     n_contexts = -(-cfg.tokens // cfg.context)
@@ -332,7 +341,7 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
             return existing
 
     if model is None:
-        model = load_model(cfg.model, backend=cfg.backend)
+        model = _load(cfg)
     if getattr(model, "backend", "transformer_lens") != cfg.backend:
         raise CacheError(f"the model given is a {getattr(model, 'backend', 'transformer_lens')} model but the cache "
                          f"asks for backend {cfg.backend!r}")
@@ -384,6 +393,19 @@ def build_cache(cfg: CacheConfig, model=None, progress: bool = True) -> dict:
     return _fill_shards(model, cfg, specs, tokens, manifest, out, bos_id, progress)
 
 
+def _device(cfg: CacheConfig) -> torch.device:
+    """The cache's device, checked against the hardware (one clear error for a CUDA device this machine lacks)."""
+    try:
+        return resolve_device(cfg.device)
+    except DeviceError as exc:
+        raise CacheError(f"--device: {exc}") from None
+
+
+def _load(cfg: CacheConfig):
+    """The cache's model on its device."""
+    return load_model(cfg.model, device=str(_device(cfg)), backend=cfg.backend)
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
@@ -396,6 +418,7 @@ def _fill_shards(model, cfg, specs, tokens, manifest, out: Path, bos_id: int, pr
     done = {s["index"] for s in manifest["shards"]}
     todo = [i for i in range(manifest["n_shards"]) if i not in done]
     keep = tokens != bos_id
+    device = torch.device(str(getattr(model.cfg, "device", "cpu")))
     writer = ShardWriter(out, manifest)
     total_rows_todo = int(sum(keep[i * shard_contexts : (i + 1) * shard_contexts].sum() for i in todo))
     bar = tqdm(
@@ -408,8 +431,8 @@ def _fill_shards(model, cfg, specs, tokens, manifest, out: Path, bos_id: int, pr
             parts: dict[tuple[str, str], list[np.ndarray]] = {}
             for b0 in range(start, end, cfg.batch_size):
                 b1 = min(b0 + cfg.batch_size, end)
-                batch = torch.from_numpy(tokens[b0:b1].astype(np.int64))
-                mask = torch.from_numpy(keep[b0:b1])
+                batch = torch.from_numpy(tokens[b0:b1].astype(np.int64)).to(device)
+                mask = torch.from_numpy(keep[b0:b1]).to(device)
                 acts, grads = _run_batch(model, batch, specs, cfg.with_grads, bos_id)
                 for spec in specs:
                     flat = acts[spec.name].reshape(b1 - b0, cfg.context, spec.d_in)[mask]

@@ -27,6 +27,7 @@ import activations
 import sae as sae_lib
 from activations.cache import CacheConfig, make_tokens, next_token_ce_sum
 from activations.hooks import HookSpec, resolve_hooks
+from sae.devices import resolve_device
 from sae.errors import SAEDataError
 
 Reconstruct = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -138,9 +139,10 @@ def in_the_loop_reports(
     totals = {"clean": 0.0, "zero": 0.0, "kl_zero": 0.0, "n": 0.0}
     totals.update({f"{key}_{name}": 0.0 for name in named for key in ("ce", "kl")})
     split = None if with_grads else restart_layer(model, hook.name)
+    device = torch.device(str(getattr(model.cfg, "device", "cpu")))  # the tokens go where the model is
     starts = range(0, tokens.shape[0], batch_size)
     for b0 in tqdm(starts, desc="CE/KL", unit="batch", disable=not progress or len(starts) < 2):
-        x = torch.from_numpy(np.asarray(tokens[b0 : b0 + batch_size]).astype(np.int64))
+        x = torch.from_numpy(np.asarray(tokens[b0 : b0 + batch_size]).astype(np.int64)).to(device)
         keep = x != bos_id
         mask = (x[:, 1:] != bos_id).float()
         grads, inputs = None, x
@@ -264,9 +266,12 @@ def evaluate_sae(
     max_rows: int = 262_144,
     hook: str | None = None,
     zero_ablate_bos: bool = False,
+    device: str = "auto",
 ) -> dict:
-    """The `saewb eval` report: reconstruction metrics on the cache, plus CE/KL when a model is given."""
-    model_sae = sae_lib.load(sae_dir)
+    """The `saewb eval` report: reconstruction metrics on the cache, plus CE/KL when a model is given; the SAE and
+    the model on `device` (auto: CUDA when available)."""
+    target = resolve_device(device)  # a bad device is one error before anything is read
+    model_sae = sae_lib.load(sae_dir, device=str(target))
     cache = activations.load_cache(activations_dir)
     hook = hook or (getattr(model_sae, "metadata", None) or {}).get("hook_name") or cache.hooks[0]
     if hook not in cache.hooks:
@@ -301,7 +306,7 @@ def evaluate_sae(
             k: metrics["plain_topk"][k] for k in ("l0", "fvu", "explained_variance", "selection_rule")
         }
     if model_name:
-        model = activations.load_model(model_name, backend=activations.backend_of_hook(hook))
+        model = activations.load_model(model_name, device=str(target), backend=activations.backend_of_hook(hook))
         context = int(cache.manifest["context"])
         n_ctx = max(1, -(-tokens // context))
         if dataset:

@@ -13,9 +13,11 @@ import pytest
 from conftest import find_cycle, imported_names, nested_nodes, package_modules
 
 APPS = ("experiments", "dashboard", "activations")
-LAYER_BELOW = {("sae.api", "activations.reader"), ("sae.pretrained", "activations.storage")}
+LAYER_BELOW = {("sae.api", "activations.reader"), ("sae.pretrained", "activations.storage"),
+               ("sae.devices", "activations"), ("sae.devices", "activations.devices")}
 """(module, imported) pairs of sae reaching outside the package: only downward, to the cache reader, when
-build_trainer is given a cache path, and to the cache root where converted pretrained SAEs are kept."""
+build_trainer is given a cache path, to the cache root where converted pretrained SAEs are kept, and to the one
+parser of device names."""
 LOCAL_IMPORTS_ALLOWED: set[tuple[str, str]] = set()
 """(module, imported) pairs allowed inside a function: none."""
 

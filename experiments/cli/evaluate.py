@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from activations.devices import DEVICE_HELP
 from experiments.evaluation import evaluate_sae
 
 
@@ -18,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         hook=args.hook,
         zero_ablate_bos=args.zero_ablate_bos,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(result))
@@ -49,5 +51,6 @@ def add_parser(sub) -> None:
         help="zero BOS positions too in the zero-ablation baseline (SAELens' get_recons_loss convention); by "
         "default only the non-BOS positions the SAE is spliced into are zeroed",
     )
+    parser.add_argument("--device", default="auto", help=f"where the SAE and the model run: {DEVICE_HELP}")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)

@@ -1,0 +1,71 @@
+"""`--device` for the stages around training (issue 11): the cache and the evaluation. The device-generic tests run
+on every device torch sees (CUDA where there is one) and compare with the CPU; the bad-input ones need no GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from activations import CacheConfig, CacheError, build_cache, load_cache
+from experiments.cli import main
+from experiments.evaluation import evaluate_sae
+from experiments.training import RunConfig, train_run
+
+CONTEXT = 16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_cache_root, datasets_tmp_cache, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def cache_cfg(folder, tiny_hf_folder, corpus_txt, device: str, **extra) -> CacheConfig:
+    return CacheConfig(model=str(tiny_hf_folder), hooks=["blocks.1.hook_resid_post"], corpus=str(corpus_txt),
+                       tokens=16 * CONTEXT, context=CONTEXT, batch_size=4, out=str(folder), device=device, **extra)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cache_built_on_each_device_matches_the_cpu_one(tiny_hf_folder, corpus_txt, tmp_path, device):
+    build_cache(cache_cfg(tmp_path / "cpu", tiny_hf_folder, corpus_txt, "cpu", with_grads=True), progress=False)
+    build_cache(cache_cfg(tmp_path / device, tiny_hf_folder, corpus_txt, device, with_grads=True), progress=False)
+    ours, ref = load_cache(tmp_path / device), load_cache(tmp_path / "cpu")
+    assert "device" not in ours.manifest  # not part of the identity: a resume may run elsewhere
+    for kind in ("acts", "grads"):
+        a = np.asarray(ours.rows(0, ours.n_tokens, kind=kind))
+        b = np.asarray(ref.rows(0, ref.n_tokens, kind=kind))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_on_each_device_matches_the_cpu(tiny_hf_folder, corpus_txt, tmp_path, device):
+    build_cache(cache_cfg(tmp_path / "c", tiny_hf_folder, corpus_txt, "cpu"), progress=False)
+    train_run(RunConfig(activations=str(tmp_path / "c"), out=str(tmp_path / "run"), n_features=64, k=4,
+                        total_tokens=512, batch_size=128, progress=False, wandb=False,
+                        options={"norm_estimation_batches": 2, "geometric_median_rows": 256}))
+    args = dict(sae_dir=str(tmp_path / "run"), activations_dir=str(tmp_path / "c"), model_name=str(tiny_hf_folder),
+                tokens=4 * CONTEXT)
+    here, ref = evaluate_sae(**args, device=device), evaluate_sae(**args, device="cpu")
+    for key in ("fvu", "l0", "ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "kl_div"):
+        assert here[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+
+
+@NO_CUDA
+@pytest.mark.parametrize("command", ["cache", "eval"])
+def test_cuda_without_a_gpu_is_one_line_exit_2_before_any_work(tiny_hf_folder, tmp_path, capsys, command):
+    argv = {"cache": ["cache", "--model", str(tiny_hf_folder), "--out", str(tmp_path / "c")],
+            "eval": ["eval", "--sae", str(tmp_path / "none"), "--activations", str(tmp_path / "none")]}[command]
+    code = main([*argv, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "device 'cuda': torch sees no CUDA GPU here" in err and "use device cpu or auto" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_malformed_device_is_refused_naming_the_allowed_forms(tiny_hf_folder, tmp_path):
+    with pytest.raises(CacheError, match=r"--device: device must be auto \(CUDA when torch sees a GPU, else CPU\), "
+                                         r"cpu, cuda or cuda:N, got 'gpu'"):
+        build_cache(CacheConfig(model=str(tiny_hf_folder), out=str(tmp_path / "c"), device="gpu"), progress=False)
+    assert not (tmp_path / "c").exists()
