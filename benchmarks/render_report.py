@@ -176,9 +176,22 @@ def report(results: dict[str, Any], results_path: Path, report_path: Path, figur
         "## Settings each run reported",
         "",
         *settings_lines(results),
+        *GPU_SECTION.splitlines(),
         "",
     ]
     return "\n".join(lines)
+
+
+GPU_SECTION = """
+## On a GPU
+
+Not yet measured: no GPU has been lent to a session so far. `make bench-gpu` (benchmarks/bench_gpu.py) is ready:
+on one GPU it times our TopK at d=576 and 2304, F=16,384 to 131,072, k=32 and 64, batch 4096, fp32 and bf16,
+against the GPU's GEMM rate measured in the same run (one-GEMM and dense-encoder floors), with peak GPU memory
+and held-out FVU; `benchmarks/step_syncs.py --device cuda` measures what per-step logging costs. The peers'
+GPU runs (SAELens, sparsify with Triton) are not in it yet.
+"""
+"""What the report says of GPU figures until benchmarks/bench_gpu.py has run on one."""
 
 
 def main() -> None:

@@ -1,0 +1,153 @@
+"""Training throughput on one GPU at realistic shapes (issue 11): sae-workbench's TopK against the GEMM floor.
+
+    make bench-gpu                                   # = .venv/bin/python benchmarks/bench_gpu.py
+    python3 benchmarks/bench_gpu.py --device cuda --out runs/bench-gpu
+    python3 benchmarks/bench_gpu.py --device cpu --shapes 16x64x4 --batch-size 64 --steps 3 --repeats 1   # smoke
+
+For each shape d x F x k (default: d=576 and 2304, F=16,384 to 131,072, k=32 and 64) and each precision (fp32, and
+bf16 autocast of the encoder GEMM and the decode), in one invocation:
+
+- the GPU's measured GEMM rate at the encoder's shape [batch, d] @ [d, F] in that precision (median of timed
+  products after warm-ups), and from it two floors: one GEMM per token (2·d·F FLOPs, what an exact TopK step cannot
+  beat) and the dense-encoder floor of the CPU benchmark (6·d·F: the GEMM and its two backward GEMMs);
+- our tokens/s over the training loop (initialisation excluded, the device synchronised before and after), the
+  median of `--repeats` runs, and the fraction of each floor;
+- peak GPU memory (torch.cuda.max_memory_allocated) and the held-out FVU on synthetic data: rows of a planted sparse
+  dictionary (sae.synthetic), so no model or corpus has to travel to the GPU machine.
+
+Writes results.json and results.md into --out. The peers (SAELens, sparsify with its Triton kernels) need their
+wheels carried to the GPU machine: not yet part of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sae
+from sae.devices import resolve_device
+from sae.synthetic import planted_dictionary_data
+
+SHAPES = "576x16384x32,576x65536x64,2304x65536x32,2304x131072x64"
+PRECISIONS = {"fp32": "none", "bf16": "bf16"}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(batch: int, d: int, n_features: int, dtype: torch.dtype, device: torch.device,
+              repeats: int = 10) -> float:
+    """FLOP/s of [batch, d] @ [d, F] in `dtype` on `device`: the median of timed products after three warm-ups."""
+    a = torch.randn(batch, d, device=device, dtype=dtype)
+    b = torch.randn(d, n_features, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+    return 2 * batch * d * n_features / statistics.median(times)
+
+
+def timed_run(train: torch.Tensor, d: int, n_features: int, k: int, args: argparse.Namespace, autocast: str):
+    """(tokens/s of the training loop, the trained SAE)."""
+    trainer = sae.build_trainer(
+        train, arch="topk", n_features=n_features, k=k, batch_size=args.batch_size,
+        total_tokens=args.steps * args.batch_size, seed=0, progress=False, log_every=max(args.steps, 1),
+        device=args.device, autocast=autocast, warmup_steps=0, decay_fraction=0.0, norm_estimation_batches=2,
+        geometric_median_rows=min(4096, train.shape[0]),
+    )
+    trainer.initialize()
+    trainer.resume = lambda: True  # type: ignore[method-assign]  # time the loop only: initialised above
+    synchronize(trainer.device)
+    began = time.perf_counter()
+    model = trainer.run()
+    synchronize(trainer.device)
+    return args.steps * args.batch_size / (time.perf_counter() - began), model
+
+
+def bench_shape(d: int, n_features: int, k: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = args.batch_size * args.data_batches
+    data = planted_dictionary_data(rows + args.heldout, d, max(n_features, 4 * k), k, seed=0).acts
+    train, heldout = data[:rows].to(device), data[rows:]
+    out = []
+    for precision, autocast in PRECISIONS.items():
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rate = gemm_rate(args.batch_size, d, n_features, dtype, device)
+        speeds, model = [], None
+        for _ in range(args.repeats):
+            speed, model = timed_run(train, d, n_features, k, args, autocast)
+            speeds.append(speed)
+        tokens_per_s = statistics.median(speeds)
+        fvu = sae.evaluate(model.cpu(), [heldout])["fvu"]
+        one_gemm, dense = rate / (2 * d * n_features), rate / (6 * d * n_features)
+        out.append({
+            "d": d, "n_features": n_features, "k": k, "precision": precision, "gemm_flop_s": rate,
+            "tokens_per_s": tokens_per_s, "runs_tokens_per_s": speeds,
+            "one_gemm_floor_tokens_per_s": one_gemm, "of_one_gemm_floor": tokens_per_s / one_gemm,
+            "dense_floor_tokens_per_s": dense, "of_dense_floor": tokens_per_s / dense,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            "heldout_fvu": fvu,
+        })
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [f"GPU benchmark on {meta['device_name']} (torch {meta['torch']}), batch {meta['batch_size']}, "
+             f"{meta['steps']} steps, median of {meta['repeats']} run(s); synthetic planted-dictionary rows.", "",
+             "| d | F | k | precision | GEMM TFLOP/s | tokens/s | of one-GEMM floor | of dense floor | peak GPU MB "
+             "| held-out FVU |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        peak = "-" if r["peak_gpu_mb"] is None else f"{r['peak_gpu_mb']:,.0f}"
+        lines.append(f"| {r['d']} | {r['n_features']:,} | {r['k']} | {r['precision']} | {r['gemm_flop_s'] / 1e12:.1f} "
+                     f"| {r['tokens_per_s']:,.0f} | {r['of_one_gemm_floor']:.0%} | {r['of_dense_floor']:.0%} | {peak} "
+                     f"| {r['heldout_fvu']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu or auto (default: cuda)")
+    parser.add_argument("--shapes", default=SHAPES, help=f"comma-separated dxFxk (default: {SHAPES})")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=50, help="timed training steps per run (default: 50)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per shape and precision (default: 3)")
+    parser.add_argument("--data-batches", type=int, default=8, help="distinct batches of rows, cycled (default: 8)")
+    parser.add_argument("--heldout", type=int, default=8192, help="held-out rows for the FVU (default: 8192)")
+    parser.add_argument("--out", default="runs/bench-gpu")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--shapes must be comma-separated dxFxk triples, got {args.shapes!r}")
+    if not shapes or any(len(s) != 3 or min(s) < 1 or s[2] > s[1] for s in shapes):
+        parser.error(f"--shapes must be comma-separated dxFxk triples with 1 <= k <= F, got {args.shapes!r}")
+    results = [r for d, f, k in shapes for r in bench_shape(d, f, k, args, device)]
+    meta = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "CPU", "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps,
+            "repeats": args.repeats}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "results.md").write_text(markdown(results, meta))
+    print(markdown(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
