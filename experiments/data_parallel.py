@@ -1,7 +1,8 @@
 """Starting and leaving a torchrun data-parallel run (the maths lives in sae/distributed.py).
 
 `torchrun --nproc-per-node N -m experiments.train ...` (or `... -m experiments.cli train ...`) sets
-WORLD_SIZE; `process_group` then joins the ranks (gloo on CPU, NCCL when CUDA is available) and
+WORLD_SIZE; `process_group` then joins the ranks (gloo on CPU; with CUDA each rank on GPU LOCAL_RANK, NCCL for CUDA
+tensors and gloo for CPU ones) and
 `leave_rank` ends each process once every output is written.
 """
 
@@ -18,13 +19,22 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def backend_for_this_machine() -> str:
+    """gloo on a machine without CUDA; with CUDA, each rank takes GPU LOCAL_RANK (so `--device auto` or `cuda` is
+    that rank's own GPU) and collectives go through NCCL for CUDA tensors and gloo for CPU ones."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return "cpu:gloo,cuda:nccl"
+
+
 class process_group:
     """Initialise torch.distributed when torchrun started this process (WORLD_SIZE > 1); tear it down after."""
 
     def __enter__(self) -> None:
         self.started = launched_by_torchrun()
         if self.started:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend_for_this_machine())
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.started:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments import data_parallel
 from sae.api import build_trainer
 from sae.distributed import SINGLE_PROCESS, Collectives
 from sae.errors import SAEConfigError
@@ -130,3 +131,13 @@ def test_torchrun_trains_from_a_cache_with_two_ranks(tmp_path, entry, arch):
     assert metrics["train_tokens"] == 8 * 256
     assert (tmp_path / "run" / "sae_weights.safetensors").exists()
     assert len(list((tmp_path / "run" / "checkpoints").glob("step_*"))) >= 1
+
+
+def test_each_rank_takes_its_local_gpu_and_a_backend_for_cpu_and_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(data_parallel.torch.cuda, "is_available", lambda: False)
+    assert data_parallel.backend_for_this_machine() == "gloo"
+    chosen = []
+    monkeypatch.setattr(data_parallel.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(data_parallel.torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert data_parallel.backend_for_this_machine() == "cpu:gloo,cuda:nccl" and chosen == [3]
