@@ -149,3 +149,18 @@ def test_unknown_hook_on_real_model(real_model):
     )
     with pytest.raises(HookError, match=r"^unknown hook 'blocks\.30\.hook_resid_post' .*\(30 layers\); nearest: "):
         resolve_hooks(real_model, ["blocks.30.hook_resid_post"])
+
+
+def test_the_hf_backend_on_the_default_model_gives_transformer_lens_rows(tmp_path, real_model):
+    """SmolLM2 uses RMSNorm, so transformer_lens' processing leaves the residual stream as it is: the hf backend's
+    model.layers.6 rows equal blocks.6.hook_resid_post to float tolerance (benchmarks/hf_backend.py: ≤ 7e-6 of the
+    row norm on 16 contexts), cached through `saewb cache --backend hf`."""
+    common = dict(model=DEFAULT_MODEL, tokens=4 * 128, batch_size=4)
+    build_cache(CacheConfig(hooks=["model.layers.6"], backend="hf", out=str(tmp_path / "hf"), **common),
+                progress=False)
+    build_cache(CacheConfig(hooks=[RESID], out=str(tmp_path / "tl"), **common), model=real_model, progress=False)
+    ours, theirs = load_cache(tmp_path / "hf"), load_cache(tmp_path / "tl")
+    a = torch.as_tensor(np.asarray(ours.rows(0, ours.n_tokens)))
+    b = torch.as_tensor(np.asarray(theirs.rows(0, theirs.n_tokens)))
+    assert a.shape == b.shape == (ours.n_tokens, 576) and ours.manifest["backend"] == "hf"
+    assert float(((a - b).norm(dim=1) / b.norm(dim=1)).max()) < 1e-4
