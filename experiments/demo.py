@@ -17,7 +17,9 @@ from pathlib import Path
 
 from activations import CacheConfig, build_cache, load_model
 from experiments.analysis.pipeline import analyze
-from experiments.compare import plan_runs, run_comparison, write_report
+from experiments.comparison.plan import plan_runs
+from experiments.comparison.report import write_report
+from experiments.comparison.runs import run_comparison
 from experiments.training import RunConfig
 
 DEMO_MODEL = "smollm2-135m"

@@ -17,7 +17,10 @@ from activations.hooks import resolve_hooks
 from experiments import evaluation
 from experiments.cli import main
 from experiments.cli.demo import serve_dashboard
-from experiments.compare import markdown_table, plan_runs
+from experiments.compare import main as compare_main
+from experiments.comparison import runs as compare_runs
+from experiments.comparison.plan import plan_runs
+from experiments.comparison.report import aggregate, claims_table, markdown_table, summary_tables, verdict, write_report
 from experiments.demo import DemoConfig
 from experiments.evaluation import (
     ce_and_kl,
@@ -319,8 +322,6 @@ def test_comparison_plan_and_table(tmp_path):
 
 
 def test_comparison_grid_over_seeds_and_k_pairs_each_run_with_its_topk(tmp_path):
-    from experiments.compare import aggregate, summary_tables
-
     base = RunConfig(activations="c", out=str(tmp_path), n_features=64, k=4, eval_activations="e")
     runs = plan_runs(base, "g", "eg", seeds=[0, 1, 2], ks=[4, 8], labels=["topk", "mutual_choice", "gradient_topk",
                                                                           "topk@grads-cache"])
@@ -351,8 +352,6 @@ def test_comparison_grid_over_seeds_and_k_pairs_each_run_with_its_topk(tmp_path)
 
 
 def test_write_report_files(tmp_path):
-    from experiments.compare import write_report
-
     rows = [
         {
             "run": "topk",
@@ -572,8 +571,6 @@ def test_saewb_calibrate_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, 
 
 
 def test_lr_selection_picks_the_lowest_validation_fvu_on_rows_apart_from_the_test_rows(tmp_path, monkeypatch):
-    import experiments.compare as compare
-
     seen = []
 
     def fake_train_run(cfg, log_fn=None):  # validation FVU: a bowl with its minimum at 2x the default lr
@@ -581,10 +578,10 @@ def test_lr_selection_picks_the_lowest_validation_fvu_on_rows_apart_from_the_tes
         ratio = cfg.lr / sae_lib.default_lr(cfg.n_features)
         return None, {"fvu": 0.3 + (np.log2(ratio) - 1) ** 2 / 10}
 
-    monkeypatch.setattr(compare, "train_run", fake_train_run)
+    monkeypatch.setattr(compare_runs, "train_run", fake_train_run)
     base = RunConfig(activations="c", out=str(tmp_path), n_features=64, k=4, eval_activations="e", eval_tokens=1000)
     runs = plan_runs(base, "g", "eg", seeds=[0, 1], labels=["topk", "gradient_topk"])
-    chosen = compare.select_learning_rates(runs, [0.5, 1, 2], tokens=512, validation_rows=300, out=tmp_path,
+    chosen = compare_runs.select_learning_rates(runs, [0.5, 1, 2], tokens=512, validation_rows=300, out=tmp_path,
                                            validation_activations="e")
     assert chosen == {"topk": pytest.approx(2 * sae_lib.default_lr(64)), "gradient_topk": pytest.approx(
         2 * sae_lib.default_lr(64))}
@@ -604,52 +601,46 @@ def test_eval_offset_scores_later_rows_and_bad_offsets_are_refused(caches, tmp_p
 
 
 def test_report_only_trains_nothing_and_keeps_finished_runs(caches, tmp_path, monkeypatch):
-    import experiments.compare as compare
-
     base = run_cfg(caches, tmp_path, total_tokens=512)
     runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "mutual_choice"])
-    compare.run_comparison(runs[:1], None, 0)  # only topk has finished
-    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("report_only must not train"))
-    rows = compare.run_comparison(runs, None, 0, report_only=True)
+    compare_runs.run_comparison(runs[:1], None, 0)  # only topk has finished
+    monkeypatch.setattr(compare_runs, "train_run", lambda *a, **k: pytest.fail("report_only must not train"))
+    rows = compare_runs.run_comparison(runs, None, 0, report_only=True)
     assert [r["run"] for r in rows] == ["topk"]
 
 
 def test_finished_runs_calibrated_by_an_older_rule_are_recalibrated_not_retrained(caches, tmp_path, monkeypatch):
-    import experiments.compare as compare
-
     base = run_cfg(caches, tmp_path, total_tokens=512)
     runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "feature_choice"])
-    compare.run_comparison(runs, None, 0)
+    compare_runs.run_comparison(runs, None, 0)
     fc_folder = Path(runs[1][1].out)
     weights = (fc_folder / "sae_weights.safetensors").read_bytes()
     fresh = json.loads((fc_folder / "eval.json").read_text())
     old = {**fresh, "l0": 99.0, "calibration": {**fresh["calibration"], "source": "eval rows 0-100 (held out)"}}
     (fc_folder / "eval.json").write_text(json.dumps(old))
-    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run must not be retrained"))
-    rows = compare.run_comparison(runs, None, 0)
+    monkeypatch.setattr(compare_runs, "train_run", lambda *a, **k: pytest.fail("a finished run must not be retrained"))
+    rows = compare_runs.run_comparison(runs, None, 0)
     again = json.loads((fc_folder / "eval.json").read_text())
     assert again["calibration"] == fresh["calibration"] and again["l0"] == fresh["l0"]
     assert again["train_seconds"] == fresh["train_seconds"] and [r["l0"] for r in rows][1] == fresh["l0"]
     # The dictionary is the trained one; only the thresholds were rewritten (to the same values here).
     assert (fc_folder / "sae_weights.safetensors").read_bytes() == weights
     # A record of the current rule is reused as it is, and so is every TopK run.
-    assert not compare.stale_calibration("feature_choice", again)
-    assert not compare.stale_calibration("topk", old)
+    assert not compare_runs.stale_calibration("feature_choice", again)
+    assert not compare_runs.stale_calibration("topk", old)
 
 
 def test_report_only_leaves_out_runs_it_would_have_to_recalibrate(caches, tmp_path, monkeypatch, capsys):
     """--report-only computes nothing, so it can run beside the comparison that is recalibrating runs."""
-    import experiments.compare as compare
-
     base = run_cfg(caches, tmp_path, total_tokens=512)
     runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "feature_choice"])
-    compare.run_comparison(runs, None, 0)
+    compare_runs.run_comparison(runs, None, 0)
     eval_path = Path(runs[1][1].out) / "eval.json"
     old = json.loads(eval_path.read_text())
     old["calibration"]["source"] = "eval rows 0-100 (held out)"
     eval_path.write_text(json.dumps(old))
-    monkeypatch.setattr(compare, "finish_run", lambda *a, **k: pytest.fail("report_only must not recalibrate"))
-    rows = compare.run_comparison(runs, None, 0, report_only=True)
+    monkeypatch.setattr(compare_runs, "finish_run", lambda *a, **k: pytest.fail("report_only must not recalibrate"))
+    rows = compare_runs.run_comparison(runs, None, 0, report_only=True)
     assert [r["run"] for r in rows] == ["topk"]
     err = capsys.readouterr().err
     assert "calibrated by an older rule (a run without --report-only recalibrates it), left out" in err
@@ -659,29 +650,27 @@ def test_report_only_leaves_out_runs_it_would_have_to_recalibrate(caches, tmp_pa
 def test_comparison_scores_ce_of_all_runs_together_and_again_only_on_more_contexts(
     hf_model, caches, tmp_path, monkeypatch, capsys
 ):
-    import experiments.compare as compare
-
     base = run_cfg(caches, tmp_path, total_tokens=512)
     runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk", "mutual_choice"])
     calls = []
-    real = compare.saes_in_the_loop
+    real = compare_runs.saes_in_the_loop
 
     def counted(model, saes, *args, **kwargs):
         calls.append(sorted(saes))
         return real(model, saes, *args, **kwargs)
 
-    monkeypatch.setattr(compare, "saes_in_the_loop", counted)
-    rows = compare.run_comparison(runs, hf_model, 2 * CONTEXT)
+    monkeypatch.setattr(compare_runs, "saes_in_the_loop", counted)
+    rows = compare_runs.run_comparison(runs, hf_model, 2 * CONTEXT)
     assert calls == [sorted(cfg.out for _, cfg in runs)]  # one shared pass for both runs
     for (_, cfg), row in zip(runs, rows, strict=True):
         saved = json.loads((Path(cfg.out) / "eval.json").read_text())
         assert saved["ce_contexts"] == 2 and row["ce_eval_tokens"] == saved["ce_eval_tokens"] > 0
     assert rows[0]["ce_loss_clean"] == rows[1]["ce_loss_clean"]  # the same contexts: paired
-    compare.run_comparison(runs, hf_model, 2 * CONTEXT)
+    compare_runs.run_comparison(runs, hf_model, 2 * CONTEXT)
     assert len(calls) == 1  # kept: scored on as many contexts already
-    rows = compare.run_comparison(runs, hf_model, 3 * CONTEXT, report_only=True)
+    rows = compare_runs.run_comparison(runs, hf_model, 3 * CONTEXT, report_only=True)
     assert rows == [] and "no CE/KL on 3 contexts yet, left out" in capsys.readouterr().err
-    compare.run_comparison(runs, hf_model, 3 * CONTEXT)
+    compare_runs.run_comparison(runs, hf_model, 3 * CONTEXT)
     assert len(calls) == 2
     assert json.loads((Path(runs[0][1].out) / "eval.json").read_text())["ce_contexts"] == 3
 
@@ -786,8 +775,6 @@ def test_saewb_unlearn_bad_input_is_one_line_exit_2(caches, tmp_path, capsys, co
 
 
 def test_claim_verdicts_follow_the_interval():
-    from experiments.compare import claims_table, verdict
-
     assert verdict((-0.02, 0.01), "lower") == "reproduced"
     assert verdict((0.02, 0.01), "lower") == "not reproduced"
     assert verdict((-0.005, 0.01), "lower") == "inconclusive (interval spans 0)"
@@ -802,15 +789,12 @@ def test_claim_verdicts_follow_the_interval():
 
 
 def test_report_only_reads_the_recorded_lr_choice_and_never_trains_trials(tmp_path, monkeypatch):
-    import experiments.compare as compare
-    from experiments.compare import main as compare_main
-
     args = ["--activations", "c", "--out", str(tmp_path), "--lr-multipliers", "0.5", "1", "--report-only",
             "--model", "none", "--runs", "topk"]
     assert compare_main(args) == 2  # no lr_selection.json yet: one clear error instead of training trials
     (tmp_path / "lr_selection.json").write_text(json.dumps({"topk": {"chosen_lr": 1e-3}}))
     seen = []
-    monkeypatch.setattr(compare, "_finished", lambda cfg: seen.append(cfg.lr) or False)
+    monkeypatch.setattr(compare_runs, "_finished", lambda cfg: seen.append(cfg.lr) or False)
     assert compare_main(args) == 0  # nothing finished: an empty report, nothing trained
     assert not (tmp_path / "lr-select").exists()
     assert seen == [1e-3]  # the runs it looks for are those trained at the recorded lr
@@ -832,8 +816,6 @@ def test_a_per_sequence_position_mask_steers_only_the_selected_positions():
 
 
 def test_ce_differences_pair_only_runs_scored_on_the_same_tokens():
-    from experiments.compare import aggregate
-
     def row(label, seed, fvu, delta_ce, tokens):
         return {"run": label, "label": label, "k": 32, "seed": seed, "fvu": fvu, "delta_ce": delta_ce,
                 "ce_eval_tokens": tokens}
@@ -848,15 +830,14 @@ def test_ce_differences_pair_only_runs_scored_on_the_same_tokens():
 
 
 def test_lr_selection_of_a_subset_of_runs_keeps_the_other_labels_choice(tmp_path, monkeypatch):
-    import experiments.compare as compare
-
     fvu = {0.5: 0.3, 1.0: 0.2, 2.0: 0.25}
-    monkeypatch.setattr(compare, "_train_or_reuse", lambda label, cfg: (None, {"fvu": fvu[round(cfg.lr / 1e-3, 3)]}))
+    monkeypatch.setattr(compare_runs, "_train_or_reuse",
+                        lambda label, cfg: (None, {"fvu": fvu[round(cfg.lr / 1e-3, 3)]}))
     base = RunConfig(activations="c", out=str(tmp_path), n_features=64, k=4, lr=1e-3)
     runs = plan_runs(base, None, labels=["topk", "mutual_choice"])
-    compare.select_learning_rates(runs, [0.5, 1, 2], 100, 10, tmp_path)
-    compare.select_learning_rates(runs[:1], [0.5, 1, 2], 100, 10, tmp_path)
-    assert compare.read_lr_selection(tmp_path, ["topk", "mutual_choice"]) == {"topk": 1e-3, "mutual_choice": 1e-3}
+    compare_runs.select_learning_rates(runs, [0.5, 1, 2], 100, 10, tmp_path)
+    compare_runs.select_learning_rates(runs[:1], [0.5, 1, 2], 100, 10, tmp_path)
+    assert compare_runs.read_lr_selection(tmp_path, ["topk", "mutual_choice"]) == {"topk": 1e-3, "mutual_choice": 1e-3}
 
 
 def test_generation_containment_counts_prompts_whose_greedy_continuation_holds_a_concept_token(hf_model, caches,
