@@ -101,3 +101,8 @@ def test_prompt_inspector_and_steering_render(server, page):
     assert "Prompt inspector" in inspector
     steering = open_page(page, server, "steering", "Steering", plots=0, last_button="Generate")
     assert "Intervention" in steering and "Positions" in steering
+
+
+def test_ioi_page_renders(server, page):
+    text = open_page(page, server, "ioi", "IOI: SAE vs supervised dictionaries", plots=0, last_button="Run IOI")
+    assert "prompts" in text and "position" in text
