@@ -19,16 +19,26 @@ def activation_histogram(counts: list[int], edges: list[float]) -> go.Figure:
     return fig
 
 
+def _labelled_curve(xs: list[float], ys: list[float], labels: list[str], x_title: str, y_title: str,
+                    title: str) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines+markers+text", text=labels, textposition="top center"))
+    fig.update_layout(xaxis_title=x_title, yaxis_title=y_title, title=title, height=360,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
 def steering_tradeoff(points: list[dict[str, Any]]) -> go.Figure:
     """Effect (Δ log p of the feature's tokens) against cost (KL on neutral text), one point per coefficient."""
-    fig = go.Figure(go.Scatter(
-        x=[p["kl"] for p in points], y=[p["effect"] for p in points], mode="lines+markers+text",
-        text=[f"c={p['coefficient']:g}" for p in points], textposition="top center",
-    ))
-    fig.update_layout(xaxis_title="cost: KL(steered ‖ clean) per token (nats)",
-                      yaxis_title="effect: Δ log p(feature's top tokens)", title="Steering: effect against cost",
-                      height=360, margin=dict(l=10, r=10, t=40, b=10))
-    return fig
+    return _labelled_curve([p["kl"] for p in points], [p["effect"] for p in points],
+                           [f"c={p['coefficient']:g}" for p in points], "cost: KL(steered ‖ clean) per token (nats)",
+                           "effect: Δ log p(feature's top tokens)", "Steering: effect against cost")
+
+
+def unlearning_tradeoff(points: list[dict[str, Any]]) -> go.Figure:
+    """Forgetting against retention cost (KL on neutral text), one point per number of clamped features."""
+    return _labelled_curve([p["kl"] for p in points], [p["forgetting"] for p in points],
+                           [f"n={p['n_features']}" for p in points], "cost: KL(clamped ‖ clean) per token (nats)",
+                           "forgetting: Δ log p(concept text) (nats)", "Unlearning: forgetting against cost")
 
 
 def head_bars(shares: list[float], title: str = "Head attribution (share of the decoder norm)") -> go.Figure:

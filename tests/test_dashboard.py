@@ -326,6 +326,27 @@ def test_steering_page(live_env):
     assert "the SAE has d_in=16 but the model's blocks.0.hook_resid_post has width 32" in at.error[0].value
 
 
+def test_steering_page_unlearns_a_concept(live_env):
+    """The unlearning section: forgetting against cost per clamp size, as `saewb unlearn`; zero features cost nothing."""
+    at = page("steering").run()
+    at.text_input(key="unlearn_concept").set_value("the quick brown fox")
+    at.text_input(key="unlearn_sizes").set_value("0,2")
+    at.number_input(key="unlearn_tokens").set_value(3)
+    at.button(key="unlearn_go").click().run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert list(table["n_features"]) == [0, 2]
+    assert list(table["kl"])[0] == 0.0 and list(table["forgetting"])[0] == 0.0 and list(table["kl"])[1] > 0
+    assert len(at.get("plotly_chart")) == 1
+    at.text_input(key="unlearn_sizes").set_value("1,x")
+    at.button(key="unlearn_go").click().run()
+    assert "clamp sizes must be comma-separated integers" in at.error[0].value
+    at.text_input(key="unlearn_sizes").set_value("1")
+    at.text_input(key="unlearn_concept").set_value("")
+    at.button(key="unlearn_go").click().run()
+    assert "the text is empty" in at.error[0].value
+
+
 def test_prompt_inspector_clicks_through_to_the_feature_browser(live_env):
     from streamlit.testing.v1 import AppTest
 

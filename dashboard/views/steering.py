@@ -18,6 +18,7 @@ from experiments.steering import (
     score_sweep,
     steer_generate,
 )
+from experiments.unlearning import unlearn_sweep
 
 
 def render() -> None:
@@ -41,6 +42,8 @@ def render() -> None:
     sweep_text = right.text_input("Coefficient sweep for the first feature (optional)", value="", key="steer_sweep")
     score = left.checkbox("Score the sweep: effect against cost on neutral text (add mode)", value=True,
                           key="steer_score")
+    with st.expander("Concept unlearning: clamp the features most selective for a concept"):
+        unlearning(store, name)
     if not st.button("Generate", key="steer_go"):
         return
     try:
@@ -96,6 +99,41 @@ def render() -> None:
     if rows:
         st.markdown(f"**Sweep over feature {features[0]}** ({mode}, same seed, other features as above)")
         st.dataframe(rows, hide_index=True, width="stretch")
+
+
+def unlearning(store, name: str) -> None:
+    """`saewb unlearn` in the page: forgetting against retention cost per clamp size, and the containment rate."""
+    concept = st.text_input("Concept text", value="", key="unlearn_concept")
+    left, mid, right = st.columns(3)
+    sizes_text = left.text_input("Clamp sizes", value="1,2,4,8,16", key="unlearn_sizes")
+    clamp = mid.number_input("Clamp value", value=0.0, key="unlearn_clamp")
+    new_tokens = right.number_input("Generation tokens (containment; 0 skips)", value=16, min_value=0,
+                                    max_value=200, key="unlearn_tokens")
+    if not st.button("Unlearn", key="unlearn_go"):
+        return
+    try:
+        sizes = tuple(int(n) for n in sizes_text.split(",") if n.strip())
+    except ValueError:
+        st.error(f"clamp sizes must be comma-separated integers, got {sizes_text!r}")
+        return
+    loaded = model_and_sae(store, name)
+    if loaded is None:
+        return
+    model, sae_model, hook = loaded
+    with st.spinner(f"ranking features for the concept and clamping {list(sizes)} ..."):
+        try:
+            points = unlearn_sweep(model, sae_model, hook, concept, neutral(model, str(store.sae(name).get("model"))),
+                                   sizes, float(clamp), int(new_tokens))
+        except (InputError, SteeringError) as exc:
+            st.error(str(exc))
+            return
+    rows = [vars(p) for p in points]
+    st.plotly_chart(figures.unlearning_tradeoff(rows), width="stretch")
+    st.dataframe([{k: row[k] for k in ("n_features", "forgetting", "kl", "delta_ce", "contained", "features")}
+                  for row in rows], hide_index=True, width="stretch")
+    st.caption("forgetting: drop of the concept text's mean next-token log p (nats); cost: KL(clamped ‖ clean) and "
+               "ΔCE on 8 neutral contexts; contained: share of greedy continuations still holding a concept word "
+               "(empty when the concept has no word absent from the neutral contexts)")
 
 
 if __name__ == "__main__":  # st.navigation runs this file as a script (dashboard/navigation.py)
