@@ -139,10 +139,13 @@ class ActivationCache:
         expected = rows * width * np.dtype(storage).itemsize
         if path.stat().st_size != expected:
             raise CacheError(f"shard {path} has {path.stat().st_size} bytes, expected {expected}: it is corrupted")
-        return np.memmap(path, dtype=storage, mode="r", shape=(rows, width))
+        # copy-on-write: writable for torch.from_numpy without a copy, and the file is never changed
+        return np.memmap(path, dtype=storage, mode="c", shape=(rows, width))
 
     def _as_float(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.array(array))
+        """float32 rows of a shard slice: float32 shards without a copy (the pages are read where the rows go next,
+        the shuffle buffer or a concatenation), float16/bfloat16 converted in one pass."""
+        tensor = torch.from_numpy(array)
         if self.dtype == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
         return tensor.float()
