@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from activations import CacheConfig, CacheError, build_cache, load_cache
+from experiments.analysis.pipeline import analyze
+from experiments.analysis.store import AnalysisStore
 from experiments.cli import main
 from experiments.evaluation import evaluate_sae
 from experiments.training import RunConfig, train_run
@@ -52,11 +54,28 @@ def test_eval_on_each_device_matches_the_cpu(tiny_hf_folder, corpus_txt, tmp_pat
         assert here[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_analyze_on_each_device_stores_what_the_cpu_stores(tiny_hf_folder, corpus_txt, tmp_path, device):
+    build_cache(cache_cfg(tmp_path / "c", tiny_hf_folder, corpus_txt, "cpu"), progress=False)
+    train_run(RunConfig(activations=str(tmp_path / "c"), out=str(tmp_path / "run"), n_features=64, k=4,
+                        total_tokens=512, batch_size=128, progress=False, wandb=False,
+                        options={"norm_estimation_batches": 2, "geometric_median_rows": 256}))
+    for where in ("cpu", device):
+        analyze(tmp_path / "run", tmp_path / "c", model=None, out=tmp_path / where, name="s", top_n=3, window=2,
+                progress=False, device=where)
+    ours, ref = AnalysisStore(tmp_path / device), AnalysisStore(tmp_path / "cpu")
+    np.testing.assert_allclose(ours.densities("s"), ref.densities("s"), atol=1e-6)
+    for f in (0, 5, 17):
+        assert ours.feature("s", f)["max_act"] == pytest.approx(ref.feature("s", f)["max_act"], rel=1e-4, abs=1e-6)
+
+
 @NO_CUDA
-@pytest.mark.parametrize("command", ["cache", "eval"])
+@pytest.mark.parametrize("command", ["cache", "eval", "analyze"])
 def test_cuda_without_a_gpu_is_one_line_exit_2_before_any_work(tiny_hf_folder, tmp_path, capsys, command):
     argv = {"cache": ["cache", "--model", str(tiny_hf_folder), "--out", str(tmp_path / "c")],
-            "eval": ["eval", "--sae", str(tmp_path / "none"), "--activations", str(tmp_path / "none")]}[command]
+            "eval": ["eval", "--sae", str(tmp_path / "none"), "--activations", str(tmp_path / "none")],
+            "analyze": ["analyze", "--sae", str(tmp_path / "none"), "--activations", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "c")]}[command]
     code = main([*argv, "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1

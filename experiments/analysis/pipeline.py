@@ -21,16 +21,20 @@ from experiments.analysis.geometry import N_LOGIT_TOKENS, N_NEIGHBOURS, logit_ex
 from experiments.analysis.stats import DENSE_THRESHOLD, HIST_EDGES, quantile_edges, stream_features, with_margins
 from experiments.analysis.store import DEFAULT_STORE, write_sae
 from experiments.attention import head_attribution, one_head_features
+from sae.devices import resolve_device, to_device
 from sae.hub import download_sae_folder, hub_name_of, parse_hub_name
 from sae.pretrained import is_pretrained_name, pretrained_folder
 
 
-def _encoded(sae_model, cache, hook: str, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
-    """Latents [B, F] in cache order, with the SAE's per-token inference rule, behind the one progress bar."""
+def _encoded(sae_model, cache, hook: str, batch_size: int, progress: bool,
+             device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """Latents [B, F] in cache order, with the SAE's per-token inference rule, behind the one progress bar; encoded
+    on `device` (the SAE's own when None), returned on the CPU, where the statistics are kept."""
+    device = device or sae_model.W_enc.device
     with tqdm(total=cache.n_tokens, desc="analyze", unit="tok", disable=not progress) as bar:
         for x in cache.iter_batches(batch_size, shuffle=False, hook=hook, with_grads=False):
             with torch.no_grad():
-                z = sae_model.encode(x)
+                z = sae_model.encode(to_device(x, device)).cpu()
             yield z
             bar.update(x.shape[0])
 
@@ -138,12 +142,15 @@ def analyze(
     batch_size: int = 4096,
     seed: int = 0,
     progress: bool = True,
+    device: str = "cpu",
 ) -> Path:
     """Analyse one SAE on a cache and add (or replace) it in the store at `out`; returns the store file.
 
     model: None (no logit lens, and contexts show token ids), a name for `activations.load_model`, "auto"
-    (the cache's own model, None if it cannot be loaded), or a loaded HookedTransformer.
+    (the cache's own model, None if it cannot be loaded), or a loaded HookedTransformer. device: where the SAE
+    encodes the cache (auto: CUDA when available); the statistics and the store stay on the CPU.
     """
+    target = resolve_device(device)  # a bad device is one error before anything is read
     hub = hub_name_of(sae_dir)  # hf://ORG/REPO[/SUB][@REV] (or the hf:/ a Path makes of it): its cached folder
     if hub is not None:
         try:
@@ -168,7 +175,7 @@ def analyze(
     if window < 0 or batch_size < 1 or n_quantiles < 1:
         raise AnalysisError(f"need window >= 0, batch size >= 1 and n_quantiles >= 1, got window={window}, "
                             f"batch_size={batch_size}, n_quantiles={n_quantiles}")
-    blocks = with_margins(_encoded(sae_model, cache, hook, batch_size, progress), window)
+    blocks = with_margins(_encoded(sae_model.to(target), cache, hook, batch_size, progress), window)
     stats, reservoirs = stream_features(blocks, n_features, top_n, window, samples_per_quantile, seed)
     samples = reservoirs.samples(quantile_edges(stats.histogram, n_quantiles), samples_per_quantile)
 

@@ -11,7 +11,8 @@ from experiments.analysis.store import DEFAULT_STORE
 def cmd_analyze(args: argparse.Namespace) -> int:
     model = None if args.model.lower() == "none" else args.model
     path = analyze(args.sae, args.activations, model=model, out=args.out, name=args.name, hook=args.hook,
-                   top_n=args.top_n, window=args.window, batch_size=args.batch_size, progress=not args.quiet)
+                   top_n=args.top_n, window=args.window, batch_size=args.batch_size, progress=not args.quiet,
+                   device=args.device)
     print(f"wrote {path}; browse it with `saewb dashboard --store {args.out}`")
     return 0
 
@@ -37,6 +38,8 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top-n", type=int, default=20, help="top activating contexts kept per feature (default 20)")
     parser.add_argument("--window", type=int, default=8, help="tokens each side of the max (default 8)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows encoded at a time (default 4096)")
+    parser.add_argument("--device", default="auto", help="where the SAE encodes the cache: auto (CUDA when torch "
+                        "sees a GPU, else CPU), cpu, cuda or cuda:N; the statistics and the store stay on the CPU")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_analyze)
     return parser
