@@ -88,3 +88,18 @@ def test_a_malformed_device_is_refused_naming_the_allowed_forms(tiny_hf_folder, 
                                          r"cpu, cuda or cuda:N, got 'gpu'"):
         build_cache(CacheConfig(model=str(tiny_hf_folder), out=str(tmp_path / "c"), device="gpu"), progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_bfloat16_model_forward_is_recorded_and_close_to_float32(tiny_hf_folder, corpus_txt, tmp_path):
+    build_cache(cache_cfg(tmp_path / "fp32", tiny_hf_folder, corpus_txt, "cpu"), progress=False)
+    build_cache(cache_cfg(tmp_path / "bf16", tiny_hf_folder, corpus_txt, "cpu", model_dtype="bfloat16"),
+                progress=False)
+    ours, ref = load_cache(tmp_path / "bf16"), load_cache(tmp_path / "fp32")
+    assert ours.manifest["model_dtype"] == "bfloat16" and ref.manifest["model_dtype"] == "float32"
+    a, b = (torch.as_tensor(np.asarray(c.rows(0, c.n_tokens))) for c in (ours, ref))
+    relative = (a - b).norm(dim=1) / b.norm(dim=1)
+    assert 0 < float(relative.max()) < 0.1  # bf16 keeps ~3 significant digits, compounded over two blocks
+    with pytest.raises(CacheError, match="model_dtype: cache has 'bfloat16', asked 'float32'"):
+        build_cache(cache_cfg(tmp_path / "bf16", tiny_hf_folder, corpus_txt, "cpu"), progress=False)
+    with pytest.raises(CacheError, match="unknown --model-dtype 'int8'; allowed: float32, float16, bfloat16"):
+        build_cache(cache_cfg(tmp_path / "x", tiny_hf_folder, corpus_txt, "cpu", model_dtype="int8"), progress=False)
