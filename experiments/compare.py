@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                              "fewer contexts is scored again")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--wandb", action="store_true", help="log each run to W&B")
+    parser.add_argument("--device", help="where each run trains: auto, cpu, cuda or cuda:N (default: the trainer's "
+                        "auto); finished runs are reused whatever device trained them")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the report from the runs of this plan that have finished")
     args = parser.parse_args(argv)
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_activations=args.eval_activations,
             eval_tokens=args.eval_tokens,
             wandb=args.wandb,
+            options={"device": args.device} if args.device else {},
         )
         runs = plan_runs(base, args.grads_activations, args.eval_grads_activations, args.seeds, args.k, args.runs,
                          args.grads_total_tokens)

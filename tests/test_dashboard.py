@@ -327,7 +327,8 @@ def test_steering_page(live_env):
 
 
 def test_steering_page_unlearns_a_concept(live_env):
-    """The unlearning section: forgetting against cost per clamp size, as `saewb unlearn`; zero features cost nothing."""
+    """The unlearning section: forgetting against cost per clamp size, as `saewb unlearn`; zero features cost
+    nothing."""
     at = page("steering").run()
     at.text_input(key="unlearn_concept").set_value("the quick brown fox")
     at.text_input(key="unlearn_sizes").set_value("0,2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -867,3 +868,14 @@ def test_generation_containment_counts_prompts_whose_greedy_continuation_holds_a
         tokenizer = WordTokenizer()
 
     assert concept_token_ids(Model(), torch.tensor([[2, 10, 11, 12, 13, 14]]), torch.tensor([[2, 12]])) == {10, 14}
+
+
+def test_a_finished_run_is_reused_whatever_device_trained_it(caches, tmp_path, monkeypatch):
+    base = run_cfg(caches, tmp_path, total_tokens=512)
+    runs = plan_runs(replace_out(base, tmp_path / "cmp"), None, labels=["topk"])
+    compare_runs.run_comparison(runs, None, 0)
+    monkeypatch.setattr(compare_runs, "train_run", lambda *a, **k: pytest.fail("a finished run must be reused"))
+    on_cpu = [(label, dataclasses.replace(cfg, options={**cfg.options, "device": "cpu"})) for label, cfg in runs]
+    assert compare_runs.run_comparison(on_cpu, None, 0)[0]["run"] == "topk"
+    in_bf16 = [(label, dataclasses.replace(cfg, options={**cfg.options, "autocast": "bf16"})) for label, cfg in runs]
+    assert not compare_runs._finished(in_bf16[0][1])  # autocast changes the numbers: not the same run

@@ -19,6 +19,7 @@ from activations.storage import atomic_write_json
 from experiments.comparison.plan import ON_GRADS
 from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_loop, saes_in_the_loop
 from experiments.training import RunConfig, finish_run, json_safe, train_run
+from sae.config import fields_with_role
 from sae.errors import SAEConfigError
 
 
@@ -103,14 +104,18 @@ def stale_calibration(arch: str, metrics: dict[str, Any]) -> bool:
 
 
 def _finished(cfg: RunConfig) -> bool:
-    """The run folder holds a saved SAE and eval.json, trained with this RunConfig (progress display aside)."""
+    """The run folder holds a saved SAE and eval.json, trained with this RunConfig; how it ran (the progress display
+    and the run-only options: device, prefetching, logging, checkpoints) aside. autocast and sparse_kernels are
+    run-only for a resume but change the numbers, so they count here."""
     out = Path(cfg.out)
     saved = out / "run_config.json"
     if not ((out / "eval.json").exists() and (out / "cfg.json").exists() and saved.exists()):
         return False
     before, now = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
-    before.pop("progress", None)
-    now.pop("progress", None)
+    run_only = fields_with_role("run_only") - {"autocast", "sparse_kernels"}
+    for record in (before, now):
+        record.pop("progress", None)
+        record["options"] = {k: v for k, v in (record.get("options") or {}).items() if k not in run_only}
     return before == now
 
 
