@@ -103,3 +103,16 @@ def test_a_bfloat16_model_forward_is_recorded_and_close_to_float32(tiny_hf_folde
         build_cache(cache_cfg(tmp_path / "bf16", tiny_hf_folder, corpus_txt, "cpu"), progress=False)
     with pytest.raises(CacheError, match="unknown --model-dtype 'int8'; allowed: float32, float16, bfloat16"):
         build_cache(cache_cfg(tmp_path / "x", tiny_hf_folder, corpus_txt, "cpu", model_dtype="int8"), progress=False)
+
+
+@NO_CUDA
+def test_auto_on_a_machine_without_cuda_says_so_in_one_line(tiny_hf_folder, corpus_txt, tmp_path, capsys):
+    args = ["cache", "--model", str(tiny_hf_folder), "--hooks", "blocks.1.hook_resid_post", "--corpus",
+            str(corpus_txt), "--tokens", "32", "--context", "16"]
+    code = main([*args, "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 0 and err.endswith("saewb cache: ran on the CPU (--device auto: torch sees no CUDA GPU)\n")
+    code = main([*args, "--out", str(tmp_path / "d"), "--device", "cpu"])
+    assert code == 0 and "no CUDA GPU" not in capsys.readouterr().err
+    code = main([*args, "--out", str(tmp_path / "e"), "--quiet"])
+    assert code == 0 and capsys.readouterr().err == ""  # --quiet keeps stderr empty

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from dashboard.launch import add_dashboard_parser
 from experiments.cli import analyze, cache, calibrate, demo, evaluate, intervene, ioi, push, sweep, train
 from experiments.data_parallel import leave_rank
@@ -38,4 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saewb {args.command}: error: --out {out} is an existing file; --out names a folder (new or existing)",
               file=sys.stderr)
         return 2
-    return leave_rank(run_user_command(args.command, lambda: args.func(args)))
+    code = run_user_command(args.command, lambda: args.func(args))
+    quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+    if code == 0 and not quiet and getattr(args, "device", None) == "auto" and not torch.cuda.is_available():
+        # after the work, so that a refused command stays one line; --quiet and --json keep stderr clean
+        print(f"saewb {args.command}: ran on the CPU (--device auto: torch sees no CUDA GPU)", file=sys.stderr)
+    return leave_rank(code)
