@@ -6,7 +6,7 @@
    ``blocks.L.hook_resid_post`` (transformer_lens), ``model.layers.L.mlp`` against ``hook_mlp_out`` and
    ``self_attn.o_proj:input`` against ``attn.hook_z``: max absolute and relative difference.
 2. Caching speed and memory: ``saewb cache`` in a fresh process per run, the backends alternating, reporting
-   tokens/s (the manifest's last_run) and the process's peak RSS (ru_maxrss of the child).
+   tokens/s (the manifest's last_run) and the process's peak RSS (/usr/bin/time's %M).
 
 Run it on a quiet machine (nothing else heavy): the timings share the two cores with nothing.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -64,14 +63,16 @@ def cache_run(backend: str, tokens: int, out: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "saewb"), "cache", "--backend", backend, "--hooks", hook, "--tokens",
            str(tokens), "--out", str(out), "--quiet"]
     started = time.perf_counter()
-    child = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
+    # /usr/bin/time reports the command's own peak RSS: a child forked from this process (which holds both models
+    # after the relation step) would report this process's peak instead
+    done = subprocess.run(["/usr/bin/time", "-f", "peak_rss_kb=%M", *cmd], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with status {done.returncode}: {done.stderr[-500:]}")
+    peak_kb = int(done.stderr.rsplit("peak_rss_kb=", 1)[1].split()[0])
     manifest = json.loads((out / "manifest.json").read_text())
     return {"backend": backend, "tokens_per_s": manifest["last_run"]["tokens_per_s"],
             "wall_s_incl_load": round(time.perf_counter() - started, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024), "rows": manifest["n_tokens"]}
+            "peak_rss_mb": round(peak_kb / 1024), "rows": manifest["n_tokens"]}
 
 
 def main() -> int:

@@ -879,3 +879,16 @@ def test_a_finished_run_is_reused_whatever_device_trained_it(caches, tmp_path, m
     assert compare_runs.run_comparison(on_cpu, None, 0)[0]["run"] == "topk"
     in_bf16 = [(label, dataclasses.replace(cfg, options={**cfg.options, "autocast": "bf16"})) for label, cfg in runs]
     assert not compare_runs._finished(in_bf16[0][1])  # autocast changes the numbers: not the same run
+
+
+def test_ce_scored_before_ce_contexts_was_recorded_counts_by_its_scored_positions(caches, tmp_path):
+    """Bug fixed: runs scored before eval.json recorded ce_contexts were rescored, because their token count was
+    read as 127 per context; contexts holding several documents score fewer (a BOS target is no prediction)."""
+    cfg = run_cfg(caches, tmp_path)
+    scored = compare_runs.scored_tokens(cfg, 4)
+    tokens = np.asarray(load_cache(caches[1]).tokens[:4])
+    assert scored == int((tokens[:, 1:] != int(load_cache(caches[1]).manifest["bos_token_id"])).sum())
+    old = {"ce_loss_recovered": 0.9, "ce_eval_tokens": scored}
+    assert compare_runs.has_ce(old, 4, cfg) and not compare_runs.has_ce({**old, "ce_eval_tokens": scored - 1}, 4, cfg)
+    assert compare_runs.has_ce({"ce_loss_recovered": 0.9, "ce_contexts": 4}, 4)
+    assert not compare_runs.has_ce({"ce_loss_recovered": 0.9, "ce_contexts": 3}, 4, cfg)

@@ -126,7 +126,7 @@ def _not_reportable(cfg: RunConfig, ce_tokens: int) -> str | None:
     metrics = json.loads((Path(cfg.out) / "eval.json").read_text())
     if stale_calibration(cfg.arch, metrics):
         return "calibrated by an older rule (a run without --report-only recalibrates it)"
-    if ce_tokens and not has_ce(metrics, ce_contexts(cfg, ce_tokens)):
+    if ce_tokens and not has_ce(metrics, ce_contexts(cfg, ce_tokens), cfg):
         return f"no CE/KL on {ce_contexts(cfg, ce_tokens)} contexts yet"
     return None
 
@@ -175,12 +175,22 @@ def ce_contexts(cfg: RunConfig, ce_tokens: int) -> int:
     return min(len(cache.tokens), max(1, -(-ce_tokens // int(cache.manifest["context"]))))
 
 
-def has_ce(metrics: dict[str, Any], n_contexts: int) -> bool:
-    """CE/KL are in eval.json, from at least n_contexts contexts (runs before ce_contexts was recorded: 127
-    scored positions per 128-token context)."""
+def scored_tokens(cfg: RunConfig, n_contexts: int) -> int:
+    """Positions CE/KL score in the first n_contexts contexts of the run's eval cache: those whose next token is not
+    BOS (documents inside a context are separated by BOS too)."""
+    cache = activations.load_cache(cfg.eval_activations or cfg.activations)
+    tokens = np.asarray(cache.tokens[:n_contexts])
+    return int((tokens[:, 1:] != int(cache.manifest["bos_token_id"])).sum())
+
+
+def has_ce(metrics: dict[str, Any], n_contexts: int, cfg: RunConfig | None = None) -> bool:
+    """CE/KL are in eval.json, from at least n_contexts contexts; a run scored before ce_contexts was recorded
+    counts when it scored at least as many positions as the first n_contexts contexts hold (needs cfg)."""
     if "ce_loss_recovered" not in metrics:
         return False
-    return int(metrics.get("ce_contexts", int(metrics.get("ce_eval_tokens", 0)) // 127)) >= n_contexts
+    if "ce_contexts" in metrics or cfg is None:
+        return int(metrics.get("ce_contexts", 0)) >= n_contexts
+    return int(metrics.get("ce_eval_tokens", 0)) >= scored_tokens(cfg, n_contexts)
 
 
 def add_ce(done: list[tuple[str, RunConfig, Any, dict[str, Any]]], model: Any, ce_tokens: int) -> None:
@@ -190,7 +200,7 @@ def add_ce(done: list[tuple[str, RunConfig, Any, dict[str, Any]]], model: Any, c
     groups: dict[tuple[str, str, bool, int], list[tuple[RunConfig, Any, dict[str, Any]]]] = {}
     for _, cfg, trained, metrics in done:
         n_ctx = ce_contexts(cfg, ce_tokens)
-        if has_ce(metrics, n_ctx):
+        if has_ce(metrics, n_ctx, cfg):
             continue
         source = cfg.eval_activations or cfg.activations
         hook = cfg.hook or activations.load_cache(source).hooks[0]
