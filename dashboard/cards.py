@@ -110,7 +110,7 @@ def source_view(info: dict, sae_model, cache, hook: str, idx: int, context: dict
     token_ids, position = cache.context_of(int(context["row"]))
     try:
         model = data.load_lm(info["model"])
-        prefix = torch.as_tensor(token_ids[: position + 1], dtype=torch.long)  # causal: later tokens do not matter
+        prefix = torch.tensor(token_ids[: position + 1].tolist(), dtype=torch.long)  # causal: no later token matters
         pattern, v = attention_inputs(model, hook, prefix, position)
         terms, offsets, b_enc = source_dfa(sae_model, pattern, v, idx)
     except HeadViewError as exc:
