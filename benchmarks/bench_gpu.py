@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from step_syncs import synchronize
 
 import sae
 from sae.devices import resolve_device
@@ -36,11 +37,6 @@ from sae.synthetic import planted_dictionary_data
 
 SHAPES = "576x16384x32,576x65536x64,2304x65536x32,2304x131072x64"
 PRECISIONS = {"fp32": "none", "bf16": "bf16"}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gemm_rate(batch: int, d: int, n_features: int, dtype: torch.dtype, device: torch.device,

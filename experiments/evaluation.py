@@ -204,13 +204,14 @@ def model_in_the_loop(
     return {**reports[first], **{name: reports[name] for name in others}}
 
 
-def check_fits(model, sae_model, hook: str) -> HookSpec:
-    """The model's hook spec, after checking the SAE's width matches it."""
+def check_fits(model, saes, hook: str) -> HookSpec:
+    """The model's hook spec (one probe forward), after checking every SAE's width matches it."""
     spec = resolve_hooks(model, [hook])[0]
-    if spec.d_in != sae_model.cfg.d_in:
-        raise SAEDataError(
-            f"the SAE has d_in={sae_model.cfg.d_in} but {model.cfg.model_name} has width {spec.d_in} at {hook}"
-        )
+    for sae_model in saes:
+        if spec.d_in != sae_model.cfg.d_in:
+            raise SAEDataError(
+                f"the SAE has d_in={sae_model.cfg.d_in} but {model.cfg.model_name} has width {spec.d_in} at {hook}"
+            )
     return spec
 
 
@@ -221,7 +222,7 @@ def saes_in_the_loop(model, saes: dict[str, Any], hook: str, token_ids: np.ndarr
     A gradient SAE is scored with its gradient rule (main keys) and as plain TopK (under "plain_topk"); the
     clean loss gradient is computed when any SAE needs it. Returns one sae_in_the_loop result per name.
     """
-    spec = [check_fits(model, s, hook) for s in saes.values()][0]
+    spec = check_fits(model, saes.values(), hook)
 
     def with_rule(sae_model, use_grads: bool) -> Reconstruct:
         return lambda rows, g: sae_model(rows, g.to(rows.dtype) if use_grads else None).to(rows.dtype)

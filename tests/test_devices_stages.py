@@ -41,12 +41,17 @@ def test_a_cache_built_on_each_device_matches_the_cpu_one(tiny_hf_folder, corpus
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_eval_on_each_device_matches_the_cpu(tiny_hf_folder, corpus_txt, tmp_path, device):
+def cache_and_sae(tmp_path, tiny_hf_folder, corpus_txt) -> None:
+    """A CPU cache in tmp_path/c and a small TopK SAE trained on it in tmp_path/run."""
     build_cache(cache_cfg(tmp_path / "c", tiny_hf_folder, corpus_txt, "cpu"), progress=False)
     train_run(RunConfig(activations=str(tmp_path / "c"), out=str(tmp_path / "run"), n_features=64, k=4,
                         total_tokens=512, batch_size=128, progress=False, wandb=False,
                         options={"norm_estimation_batches": 2, "geometric_median_rows": 256}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_on_each_device_matches_the_cpu(tiny_hf_folder, corpus_txt, tmp_path, device):
+    cache_and_sae(tmp_path, tiny_hf_folder, corpus_txt)
     args = dict(sae_dir=str(tmp_path / "run"), activations_dir=str(tmp_path / "c"), model_name=str(tiny_hf_folder),
                 tokens=4 * CONTEXT)
     here, ref = evaluate_sae(**args, device=device), evaluate_sae(**args, device="cpu")
@@ -56,10 +61,7 @@ def test_eval_on_each_device_matches_the_cpu(tiny_hf_folder, corpus_txt, tmp_pat
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_analyze_on_each_device_stores_what_the_cpu_stores(tiny_hf_folder, corpus_txt, tmp_path, device):
-    build_cache(cache_cfg(tmp_path / "c", tiny_hf_folder, corpus_txt, "cpu"), progress=False)
-    train_run(RunConfig(activations=str(tmp_path / "c"), out=str(tmp_path / "run"), n_features=64, k=4,
-                        total_tokens=512, batch_size=128, progress=False, wandb=False,
-                        options={"norm_estimation_batches": 2, "geometric_median_rows": 256}))
+    cache_and_sae(tmp_path, tiny_hf_folder, corpus_txt)
     for where in ("cpu", device):
         analyze(tmp_path / "run", tmp_path / "c", model=None, out=tmp_path / where, name="s", top_n=3, window=2,
                 progress=False, device=where)

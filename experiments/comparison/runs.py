@@ -126,8 +126,9 @@ def _not_reportable(cfg: RunConfig, ce_tokens: int) -> str | None:
     metrics = json.loads((Path(cfg.out) / "eval.json").read_text())
     if stale_calibration(cfg.arch, metrics):
         return "calibrated by an older rule (a run without --report-only recalibrates it)"
-    if ce_tokens and not has_ce(metrics, ce_contexts(cfg, ce_tokens), cfg):
-        return f"no CE/KL on {ce_contexts(cfg, ce_tokens)} contexts yet"
+    n_ctx = ce_contexts(cfg, ce_tokens) if ce_tokens else 0
+    if n_ctx and not has_ce(metrics, n_ctx, cfg):
+        return f"no CE/KL on {n_ctx} contexts yet"
     return None
 
 
