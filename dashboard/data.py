@@ -13,14 +13,27 @@ import sae
 from activations.hf_backend import backend_of_hook
 from activations.models import load_model
 from experiments.analysis.store import DEFAULT_STORE, STORE_FILE, AnalysisStore, StoreError
+from sae.devices import resolve_device
+
+
+def _app_args(argv: list[str] | None) -> argparse.Namespace:
+    """What `saewb dashboard` passes after `streamlit run app.py --`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--store")
+    parser.add_argument("--device")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def store_path(argv: list[str] | None = None) -> str:
     """`--store DIR` after `streamlit run app.py --`, else $SAEWB_STORE, else the demo's store."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--store")
-    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return args.store or os.environ.get("SAEWB_STORE") or DEFAULT_STORE
+    return _app_args(argv).store or os.environ.get("SAEWB_STORE") or DEFAULT_STORE
+
+
+def device_name(argv: list[str] | None = None) -> str:
+    """Where the pages run the model and the SAEs: `--device` after `--`, else $SAEWB_DEVICE, else auto (CUDA when
+    torch sees a GPU); resolved to cpu, cuda or cuda:N."""
+    return str(resolve_device(_app_args(argv).device or os.environ.get("SAEWB_DEVICE") or "auto"))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -52,16 +65,25 @@ def pick_sae(store: AnalysisStore, key: str = "sae") -> str:
     return st.sidebar.selectbox("SAE", names, key=key)
 
 
-@st.cache_resource(show_spinner="loading the model ...")
 def load_lm(name: str, backend: str = "transformer_lens"):
     """The language model named in the store (loaded once per process; the default one converts offline), on
-    the backend its SAE's hook belongs to."""
-    return load_model(name, backend=backend)
+    the backend its SAE's hook belongs to, on the dashboard's device."""
+    return _load_lm(name, backend, device_name())
+
+
+@st.cache_resource(show_spinner="loading the model ...")
+def _load_lm(name: str, backend: str, device: str):
+    return load_model(name, device=device, backend=backend)
+
+
+def load_sae(path: str):
+    """The SAE folder on the dashboard's device (loaded once per process)."""
+    return _load_sae(path, device_name())
 
 
 @st.cache_resource(show_spinner=False)
-def load_sae(path: str):
-    return sae.load(path).eval()
+def _load_sae(path: str, device: str):
+    return sae.load(path, device=device).eval()
 
 
 def model_and_sae(store: AnalysisStore, name: str):

@@ -16,7 +16,8 @@ __all__ = ["InputError", "features_on_text", "neutral"]
 def features_on_text(model, sae_model, hook: str, text: str) -> tuple[list[str], torch.Tensor]:
     """Token strings and latents [T, F] of `text` (BOS dropped: it is not in the cache either)."""
     tokens = prompt_tokens(model, text)
-    z = sae_model.encode(hook_activations(model, hook, tokens, sae_model.cfg.d_in))[1:]
+    acts = hook_activations(model, hook, tokens, sae_model.cfg.d_in).to(sae_model.W_enc.device)
+    z = sae_model.encode(acts)[1:].cpu()  # the page reads it on the host
     return [model.tokenizer.decode([t]) for t in tokens[0, 1:].tolist()], z
 
 

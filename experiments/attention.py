@@ -50,16 +50,17 @@ def one_head_features(shares: Tensor, threshold: float = HEAD_DOMINANCE) -> int:
 def head_dfa(sae_model, z: Tensor, feature: int, n_heads: int) -> tuple[Tensor, Tensor]:
     """Each head's exact term in feature `feature`'s pre-activation on rows z [n, n_heads*d_head].
 
-    Returns (terms [n, n_heads], bias [n]) with terms.sum(1) + bias == the pre-activation (the SAE's dtype).
+    Returns (terms [n, n_heads], bias [n]) with terms.sum(1) + bias == the pre-activation (the SAE's dtype), on the
+    host (the rows move to the SAE's device).
     """
-    x_n, _, _ = sae_model.normalize(z.reshape(-1, z.shape[-1]))
+    x_n, _, _ = sae_model.normalize(z.reshape(-1, z.shape[-1]).to(sae_model.W_enc.device))
     x_in = sae_model.encoder_input(x_n)
     width = x_in.shape[1]
     if width % n_heads:
         raise HeadViewError(f"rows of width {width} do not split into {n_heads} heads")
     column = sae_model.W_enc[:, feature]
     terms = (x_in * column).reshape(x_in.shape[0], n_heads, width // n_heads).sum(-1)
-    return terms.detach(), sae_model.b_enc[feature].detach().expand(x_in.shape[0])
+    return terms.detach().cpu(), sae_model.b_enc[feature].detach().expand(x_in.shape[0]).cpu()
 
 
 LINEAR_NORMALIZATIONS = ("none", "scalar")
@@ -77,7 +78,7 @@ def source_dfa(sae_model, pattern: Tensor, v: Tensor, feature: int) -> tuple[Ten
         a_f = Σ_{h,j} (f(c_hj) − f(0))·W_enc[:, f] + f(0)·W_enc[:, f] + b_enc[f],   c_hj = pattern[h, j] v[j, h]
 
     Returns (terms [n_heads, k], the f(0) term per head [n_heads] (−b_pre's share), b_enc[f]); everything sums to
-    the pre-activation exactly (up to float rounding).
+    the pre-activation exactly (up to float rounding). Computed on the SAE's device, returned on the host.
     """
     normalization = sae_model.cfg.normalization
     if normalization not in LINEAR_NORMALIZATIONS:
@@ -89,19 +90,19 @@ def source_dfa(sae_model, pattern: Tensor, v: Tensor, feature: int) -> tuple[Ten
             raise HeadViewError(f"{v.shape[1]} value heads do not divide {n_heads} query heads")
         v = v.repeat_interleave(n_heads // v.shape[1], dim=1)
     d_head = v.shape[-1]
-    dtype = sae_model.W_enc.dtype
-    contrib = pattern.to(dtype).T[:, :, None] * v.to(dtype)  # [k, n_heads, d_head]: c_hj in head h's block
-    rows = torch.zeros(k, n_heads, n_heads, d_head, dtype=dtype)
-    heads = torch.arange(n_heads)
+    dtype, device = sae_model.W_enc.dtype, sae_model.W_enc.device
+    contrib = pattern.to(device, dtype).T[:, :, None] * v.to(device, dtype)  # [k, n_heads, d_head]: c_hj in head h
+    rows = torch.zeros(k, n_heads, n_heads, d_head, dtype=dtype, device=device)
+    heads = torch.arange(n_heads, device=device)
     rows[:, heads, heads] = contrib
     rows = rows.reshape(k * n_heads, n_heads * d_head)
-    zero = torch.zeros(1, n_heads * d_head, dtype=dtype)
+    zero = torch.zeros(1, n_heads * d_head, dtype=dtype, device=device)
     f0 = sae_model.encoder_input(sae_model.normalize(zero)[0])
     fc = sae_model.encoder_input(sae_model.normalize(rows)[0]) - f0
     column = sae_model.W_enc[:, feature]
     terms = (fc @ column).reshape(k, n_heads).T
     offsets = (f0[0] * column).reshape(n_heads, d_head).sum(-1)
-    return terms.detach(), offsets.detach(), sae_model.b_enc[feature].detach()
+    return terms.detach().cpu(), offsets.detach().cpu(), sae_model.b_enc[feature].detach().cpu()
 
 
 def attention_inputs(model, hook: str, token_ids: Tensor, position: int) -> tuple[Tensor, Tensor]:

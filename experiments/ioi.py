@@ -319,11 +319,11 @@ def node_run(model, hook: str, batches: list[TemplateBatch], position: str, toke
 
         def splice(act: torch.Tensor, hook, batch=batch, seen=seen) -> torch.Tensor:
             flat = act.reshape(act.shape[0], act.shape[1], -1)  # the suffix: the node is its first position
-            seen.append(flat[:, 0].detach().float().clone())
+            seen.append(flat[:, 0].detach().float().to("cpu", copy=True))  # the scores: host maths on [P, d]
             if values is None:
                 return act
             flat = flat.clone()
-            flat[:, 0] = values[batch.index].to(flat.dtype)
+            flat[:, 0] = values[batch.index].to(flat.device, flat.dtype)
             return flat.reshape(act.shape)
 
         suffix = batch.tokens[:, pos:]
@@ -337,7 +337,7 @@ def node_run(model, hook: str, batches: list[TemplateBatch], position: str, toke
         cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
         if cap > 0:
             out = cap * torch.tanh(out / cap)
-        logits[batch.index] = out[:, token_ids]
+        logits[batch.index] = out[:, token_ids.to(out.device)].cpu()
         if acts is None:
             acts = torch.zeros(n_prompts, seen[0].shape[1])
         acts[batch.index] = seen[0]
@@ -471,8 +471,16 @@ def run_ioi(model, sae_model, hook: str | None = None, n_prompts: int = 200, see
 
     sup = supervised_dictionary(x, labels, n_values)
     x_sup = sup.reconstruct(labels).float()
-    z = sae_model.encode(x).float()
-    x_sae = sae_model.decode(z, x).float()
+    device = sae_model.W_enc.device  # the SAE's (the model's, from the CLI); the scores stay on the host
+
+    def encode(rows: torch.Tensor) -> torch.Tensor:
+        return sae_model.encode(rows.to(device)).float().cpu()
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        return sae_model.decode(codes.to(device), x.to(device)).float().cpu()
+
+    z = encode(x)
+    x_sae = decode(z)
     recon = {"supervised": x_sup, "sae": x_sae}
     var = float(((x.double() - x.double().mean(0)) ** 2).sum())
     logit_diffs, suff, nec, fvu = {}, {}, {}, {}
@@ -513,7 +521,7 @@ def run_ioi(model, sae_model, hook: str | None = None, n_prompts: int = 200, see
         value_means = (onehot.T @ z) / onehot.sum(0).clamp(min=1)[:, None]
         for n in n_latents:
             z_edit, changed = sae_edit_codes(z, labels[a], cf_labels[a], tables[a].float(), value_means, n)
-            edited = x + sae_model.decode(z_edit, x).float() - x_sae
+            edited = x + decode(z_edit) - x_sae
             entry = score(_mean(metric(run(edited), io_new, s_new)))
             entry["changed"] = float(changed.double().mean())
             control["sae"][str(n)][a] = entry

@@ -30,6 +30,11 @@ N_TARGET_TOKENS = 10
 """Top logit-lens tokens of a feature whose log-probability the effect measures."""
 
 
+def model_device(model) -> torch.device:
+    """The device a transformer_lens (or hf-backend) model runs on: its outputs land there."""
+    return torch.device(str(getattr(model.cfg, "device", "cpu")))
+
+
 class InputError(ValueError):
     """Input reported as one message (a page message, or one line and exit 2 from saewb): empty text, an SAE
     that does not fit the model's hook, bad features or coefficients."""
@@ -104,7 +109,7 @@ def feature_directions(sae_model, features: list[int]) -> torch.Tensor:
     """[n, d] change of the reconstruction per unit of each feature's activation."""
     if sae_model.cfg.normalization == "per_token_standardize":
         raise SteeringError("steering needs an SAE with scalar or no normalisation (this one standardises per token)")
-    z = torch.zeros(len(features) + 1, sae_model.cfg.n_features)
+    z = torch.zeros(len(features) + 1, sae_model.cfg.n_features, device=sae_model.W_dec.device)
     z[torch.arange(1, len(features) + 1), torch.tensor(features)] = 1.0
     y = sae_model.decode(z)
     return y[1:] - y[:1]
@@ -117,7 +122,8 @@ def steering_hook(sae_model, features: list[int], values: torch.Tensor, directio
     `add` adds value * direction; `clamp`/`ablate` move each feature's activation to value / 0, as
     x + (value - z_f) * direction, at the positions `mask_of(seq_len)` selects.
     """
-    feats = torch.tensor(features)
+    feats = torch.tensor(features, device=directions.device)
+    values = values.to(directions.device)
     active = (~values.isnan().any(1)).float()  # [R]
     vals = values.nan_to_num(0.0)
     if mode == "ablate":
@@ -125,7 +131,7 @@ def steering_hook(sae_model, features: list[int], values: torch.Tensor, directio
 
     def hook(act: torch.Tensor, hook) -> torch.Tensor:
         shape = act.shape
-        x = act.reshape(shape[0], shape[1], -1).float()
+        x = act.reshape(shape[0], shape[1], -1).float().to(directions.device)  # the SAE's (as a rule, the model's)
         mask = mask_of(shape[1]).to(x.device)  # [T], or [R, T] when positions differ per sequence
         mask = mask if mask.dim() == 2 else mask[None, :]
         if mode == "add":
@@ -133,7 +139,7 @@ def steering_hook(sae_model, features: list[int], values: torch.Tensor, directio
         else:
             z = sae_model.encode(x)[..., feats]  # [R, T, n]
             delta = (vals[:, None, :] - z) @ directions
-        x = x + delta * mask[:, :, None] * active[:, None, None]
+        x = (x + delta * mask[:, :, None] * active[:, None, None]).to(act.device)
         return x.to(act.dtype).reshape(shape)
 
     return hook
@@ -179,7 +185,8 @@ def generate_continuations(model, tokens: torch.Tensor, hooks, n_rows: int, max_
     for step in range(max_new_tokens):
         if on_token is not None:
             on_token(step, max_new_tokens)
-        logits = model.run_with_hooks(feed, fwd_hooks=hooks, past_kv_cache=kv)[:, -1].float()
+        # on the host: the rows sample with CPU generators (one [R, vocab] copy a token; its sync is the token read)
+        logits = model.run_with_hooks(feed, fwd_hooks=hooks, past_kv_cache=kv)[:, -1].float().cpu()
         offset[0] += feed.shape[1]
         nxt = [eos if done[r] else _sample(logits[r], temperature, top_p, generators[r]) for r in range(n_rows)]
         for r, token in enumerate(nxt):
@@ -240,8 +247,9 @@ def target_tokens(model, direction: torch.Tensor, hook: str, n: int = N_TARGET_T
     if hook.endswith("hook_z"):
         layer = int(hook.split(".")[1])
         w_o = model.blocks[layer].attn.W_O.detach().float()  # [heads, d_head, d_model]
-        direction = torch.einsum("hd,hdm->m", direction.reshape(w_o.shape[0], w_o.shape[1]), w_o)
-    return (direction @ model.W_U.detach().float()).topk(n).indices
+        direction = torch.einsum("hd,hdm->m", direction.to(w_o.device).reshape(w_o.shape[0], w_o.shape[1]), w_o)
+    w_u = model.W_U.detach().float()
+    return (direction.to(w_u.device) @ w_u).topk(n).indices
 
 
 @dataclass
@@ -270,6 +278,7 @@ def score_sweep(model, sae_model, hook: str, features: list[int], coefficients: 
         raise SteeringError(f"the model has no hook {hook!r}")
     bos = int(model.tokenizer.bos_token_id)
     hook_activations(model, hook, neutral[:1], sae_model.cfg.d_in)  # a width mismatch is one message
+    neutral = neutral.to(model_device(model))  # the masks and targets meet the model's logits there
     directions = feature_directions(sae_model, features)
     targets = torch.unique(torch.cat([target_tokens(model, d, hook) for d in directions]))
     keep = (neutral != bos).float()  # steer every non-BOS position
@@ -280,7 +289,8 @@ def score_sweep(model, sae_model, hook: str, features: list[int], coefficients: 
     for i, c in enumerate(coefficients):
         if on_step is not None:
             on_step(i, len(coefficients) + 1)
-        delta = (torch.full((len(features),), float(c)) @ directions).float()
+        delta = (torch.full((len(features),), float(c), device=directions.device) @ directions).float()
+        delta = delta.to(neutral.device)
 
         def add(act: torch.Tensor, hook, delta: torch.Tensor = delta) -> torch.Tensor:
             shape = act.shape

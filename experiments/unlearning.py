@@ -25,6 +25,7 @@ from experiments.steering import (
     feature_directions,
     generate_continuations,
     hook_activations,
+    model_device,
     prompt_tokens,
     steering_hook,
 )
@@ -50,13 +51,15 @@ class ClampPoint:
 def selective_features(model, sae_model, hook: str, concept: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
     """All latents, most concept-selective first: mean z on the concept's tokens minus mean z on neutral ones."""
     bos = int(model.tokenizer.bos_token_id)
-    on_concept = sae_model.encode(hook_activations(model, hook, concept, sae_model.cfg.d_in)[1:]).mean(0)
-    total, count = torch.zeros(sae_model.cfg.n_features), 0
+    device = sae_model.W_enc.device
+    on_concept = sae_model.encode(hook_activations(model, hook, concept, sae_model.cfg.d_in)[1:].to(device)).mean(0)
+    total, count = torch.zeros(sae_model.cfg.n_features, device=device), 0
     for row in neutral:
-        z = sae_model.encode(hook_activations(model, hook, row[None], sae_model.cfg.d_in))[row != bos]
+        z = sae_model.encode(hook_activations(model, hook, row[None], sae_model.cfg.d_in).to(device))
+        z = z[(row != bos).to(device)]
         total += z.sum(0)
         count += z.shape[0]
-    return torch.argsort(on_concept - total / max(count, 1), descending=True, stable=True)
+    return torch.argsort(on_concept - total / max(count, 1), descending=True, stable=True).cpu()
 
 
 def concept_token_ids(model, concept: torch.Tensor, neutral: torch.Tensor) -> set[int]:
@@ -112,7 +115,8 @@ def unlearn_sweep(model, sae_model, hook: str, concept_text: str, neutral: torch
     greedy generations still contain the concept (generation_tokens new tokens per prompt; 0: not measured)."""
     if any(n < 0 or n > sae_model.cfg.n_features for n in sizes):
         raise SteeringError(f"clamp sizes must be in 0..{sae_model.cfg.n_features}, got {list(sizes)}")
-    concept = prompt_tokens(model, concept_text)
+    concept = prompt_tokens(model, concept_text).to(model_device(model))
+    neutral = neutral.to(concept.device)  # the masks and targets meet the model's logits there
     if concept.shape[1] < 3:
         raise SteeringError("the concept text needs at least two tokens (its next-token log-probabilities are scored)")
     ranked = selective_features(model, sae_model, hook, concept, neutral).tolist()

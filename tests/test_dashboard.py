@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from dashboard import figures
-from dashboard.data import store_path
+from dashboard.data import device_name, store_path
 from dashboard.launch import dashboard_command
 from experiments.analysis.pipeline import analyze
 from experiments.analysis.store import STORE_SCHEMA_VERSION, AnalysisStore, StoreError
+from sae.errors import SAEConfigError
 from tests.conftest import make_cache, make_sae, page
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -168,8 +169,18 @@ def test_store_path_and_launch_command(monkeypatch):
     assert store_path(["--store", "/arg/store"]) == "/arg/store"
     assert store_path(["-q"]) == "/env/store"
     cmd = dashboard_command("/s", 8600, "127.0.0.1")
-    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[-2:] == ["--store", "/s"]
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[-4:] == ["--store", "/s", "--device", "auto"]
     assert cmd[cmd.index("--server.port") + 1] == "8600"
+    assert dashboard_command("/s", 8600, "127.0.0.1", "cpu")[-2:] == ["--device", "cpu"]
+
+
+def test_the_dashboard_device_comes_from_the_command_line_then_the_environment(monkeypatch):
+    monkeypatch.delenv("SAEWB_DEVICE", raising=False)
+    assert device_name([]) == ("cuda" if torch.cuda.is_available() else "cpu")  # auto
+    monkeypatch.setenv("SAEWB_DEVICE", "cpu")
+    assert device_name(["--store", "/s"]) == "cpu"
+    with pytest.raises(SAEConfigError, match="device must be auto .* got 'gpu'"):
+        device_name(["--device", "gpu"])
 
 
 def test_log_density_figure_skips_dead():

@@ -1,7 +1,10 @@
-"""`--device` for the stages around training (issue 11): the cache and the evaluation. The device-generic tests run
-on every device torch sees (CUDA where there is one) and compare with the CPU; the bad-input ones need no GPU."""
+"""`--device` for the stages around training (issue 11): the cache, the evaluation, the analysis and the
+interventions. The device-generic tests run on every device torch sees (CUDA where there is one) and compare with the
+CPU; the bad-input ones need no GPU."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -72,12 +75,20 @@ def test_analyze_on_each_device_stores_what_the_cpu_stores(tiny_hf_folder, corpu
 
 
 @NO_CUDA
-@pytest.mark.parametrize("command", ["cache", "eval", "analyze"])
+@pytest.mark.parametrize("command", ["cache", "eval", "analyze", "steer", "unlearn", "ioi", "calibrate", "sweep",
+                                     "demo", "dashboard"])
 def test_cuda_without_a_gpu_is_one_line_exit_2_before_any_work(tiny_hf_folder, tmp_path, capsys, command):
+    none = str(tmp_path / "none")  # nothing is there: the device is refused before anything is read
     argv = {"cache": ["cache", "--model", str(tiny_hf_folder), "--out", str(tmp_path / "c")],
-            "eval": ["eval", "--sae", str(tmp_path / "none"), "--activations", str(tmp_path / "none")],
-            "analyze": ["analyze", "--sae", str(tmp_path / "none"), "--activations", str(tmp_path / "none"),
-                        "--out", str(tmp_path / "c")]}[command]
+            "eval": ["eval", "--sae", none, "--activations", none],
+            "analyze": ["analyze", "--sae", none, "--activations", none, "--out", str(tmp_path / "c")],
+            "steer": ["steer", "--sae", none, "--features", "0", "--coefficients", "1"],
+            "unlearn": ["unlearn", "--sae", none, "--concept", "the fox"],
+            "ioi": ["ioi", "--sae", none],
+            "calibrate": ["calibrate", "--sae", none, "--activations", none],
+            "sweep": ["sweep", "experiments/sweeps/arch_compare.yaml", "--no-wandb", "--out", str(tmp_path / "c")],
+            "demo": ["demo", "--out", str(tmp_path / "c")],
+            "dashboard": ["dashboard", "--store", none]}[command]
     code = main([*argv, "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
@@ -118,3 +129,27 @@ def test_auto_on_a_machine_without_cuda_says_so_in_one_line(tiny_hf_folder, corp
     assert code == 0 and "no CUDA GPU" not in capsys.readouterr().err
     code = main([*args, "--out", str(tmp_path / "e"), "--quiet"])
     assert code == 0 and capsys.readouterr().err == ""  # --quiet keeps stderr empty
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steer_and_unlearn_on_each_device_score_what_the_cpu_scores(tiny_hf_folder, corpus_txt, tmp_path, capsys,
+                                                                    device):
+    cache_and_sae(tmp_path, tiny_hf_folder, corpus_txt)
+    common = ["--sae", str(tmp_path / "run"), "--contexts", "2", "--context-length", "16", "--corpus",
+              str(corpus_txt), "--json"]
+    commands = {"steer": ["steer", *common, "--features", "0,3", "--coefficients", "0,4", "--new-tokens", "3"],
+                "unlearn": ["unlearn", *common, "--concept", "the quick brown fox", "--sizes", "0,2",
+                            "--generation-tokens", "3"]}
+    for name, argv in commands.items():
+        results = {}
+        for where in ("cpu", device):
+            assert main([*argv, "--device", where]) == 0
+            results[where] = json.loads(capsys.readouterr().out)
+        ours, ref = results[device], results["cpu"]
+        points = zip(ours["sweep"], ref["sweep"], strict=True) if name == "steer" else zip(ours, ref, strict=True)
+        for a, b in points:
+            for key in ("kl", "delta_ce", "effect" if name == "steer" else "forgetting"):
+                assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (name, key)
+            assert a.get("text") == b.get("text") and a.get("features") == b.get("features")
+        if name == "steer":
+            assert ours["sweep"][0]["kl"] == 0.0  # coefficient 0 costs nothing on any device

@@ -404,11 +404,11 @@ def test_demo_serves_the_dashboard_when_interactive(monkeypatch, tmp_path):
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, **k: calls.append(cmd) or 0)
-    serve_dashboard(DemoConfig(port=8599), tmp_path / "store", lambda msg: None)
+    serve_dashboard(DemoConfig(port=8599, device="cpu"), tmp_path / "store", lambda msg: None)
     assert len(calls) == 1
     cmd = calls[0]
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8599"
-    assert cmd[-2:] == ["--store", str(tmp_path / "store")]
+    assert cmd[-4:] == ["--store", str(tmp_path / "store"), "--device", "cpu"]  # the demo's device, for the pages
 
 
 def test_g_sae_is_scored_with_its_gradient_rule_and_as_plain_topk(caches, tmp_path):

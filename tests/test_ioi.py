@@ -299,3 +299,24 @@ def test_the_ioi_page_refuses_an_hf_backend_hook(monkeypatch):
     monkeypatch.setattr(ioi_page, "pick_sae", lambda store: "hf-sae")
     at = page("ioi").run()
     assert not at.exception and "IOI reads transformer_lens hooks" in at.info[0].value
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_saewb_ioi_on_each_device_reports_what_the_cpu_reports(ioi_folder, tmp_path, capsys, device):
+    """The model and the SAE on --device; the scores (host maths on the node's rows) match the CPU run's."""
+    folder = make_sae(tmp_path / "sae", str(ioi_folder))
+    runs = {}
+    for where in ("cpu", device):
+        code, out, err = saewb_ioi(capsys, "--sae", folder, "--prompts", 24, "--names", 6, "--n-latents", "1,2",
+                                   "--device", where, "--json")
+        assert code == 0, err
+        runs[where] = json.loads(out)
+    ours, ref = runs[device], runs["cpu"]
+    assert ours["logit_diff_clean"] == pytest.approx(ref["logit_diff_clean"], rel=1e-4, abs=1e-5)
+    assert ours["accuracy"] == ref["accuracy"] and ours["sae_l0"] == pytest.approx(ref["sae_l0"], abs=1e-6)
+    for method in ("sae", "supervised"):
+        for key in ("sufficiency", "necessity"):
+            if ref[key][method] is None:
+                assert ours[key][method] is None
+            else:
+                assert ours[key][method] == pytest.approx(ref[key][method], rel=1e-3, abs=1e-4), (key, method)

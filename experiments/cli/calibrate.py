@@ -7,6 +7,8 @@ import json
 
 import activations
 import sae
+from activations.devices import DEVICE_HELP
+from sae.devices import resolve_device
 from sae.hub import hub_name_of
 
 
@@ -15,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     if hub_name_of(args.sae):
         raise sae.SAEConfigError(f"--sae {args.sae} is a hub name; calibrate rewrites a local folder in place: "
                                  "download it (hf download ORG/REPO --local-dir DIR) and pass that folder.")
-    model = sae.load(args.sae)
+    model = sae.load(args.sae, device=str(resolve_device(args.device)))
     if not model.calibration_rule:
         raise sae.SAEConfigError(f"{args.sae} is a {model.arch!r} SAE: only mutual_choice and feature_choice SAEs "
                                  "have inference thresholds to calibrate.")
@@ -58,6 +60,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--skip-rows", type=int, default=0,
                         help="sample only contexts that start after this many cache rows (default: 0)")
     parser.add_argument("--hook", help="hook of a multi-hook cache (default: the SAE's hook_name, else the first)")
+    parser.add_argument("--device", default="auto", help=f"where the SAE encodes the sample: {DEVICE_HELP}")
     parser.add_argument("--train-batch-size", type=int,
                         help="FC: batch size its capacities refer to (default: the one it was trained with)")
     parser.set_defaults(func=run)

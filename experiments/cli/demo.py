@@ -29,7 +29,7 @@ def serve_dashboard(cfg: DemoConfig, store: Path, say: Callable[[str], None]) ->
         say(f"done. Browse the features with: {command}")
         return
     say(f"done. Dashboard on http://127.0.0.1:{cfg.port} (Ctrl-C stops it; later: {command})")
-    serve(str(store), cfg.port)
+    serve(str(store), cfg.port, device=cfg.device)
 
 
 def add_parser(sub) -> None:

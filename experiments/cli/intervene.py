@@ -10,8 +10,10 @@ from tqdm.auto import tqdm
 
 import activations
 import sae
+from activations.devices import DEVICE_HELP
 from experiments.steering import SteeringError, neutral_contexts, parse_features, score_sweep
 from experiments.unlearning import unlearn_sweep
+from sae.devices import resolve_device
 
 
 def run_steer(args: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def run_steer(args: argparse.Namespace) -> int:
         raise SteeringError(f"--coefficients must be comma-separated numbers, got {args.coefficients!r}") from None
     if not 0 < args.new_tokens <= 200:
         raise SteeringError("keep 1 <= --new-tokens <= 200")
-    model = activations.load_model(name, backend=activations.backend_of_hook(hook))
+    model = activations.load_model(name, device=str(model_sae.W_enc.device), backend=activations.backend_of_hook(hook))
     neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
     bars: list = []  # opened at the first step, after the request was checked: an error stays one line
 
@@ -65,7 +67,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
         raise SteeringError("give at least one clamp size")
     if not 0 <= args.generation_tokens <= 200:
         raise SteeringError(f"--generation-tokens must be in 0..200, got {args.generation_tokens}")
-    model = activations.load_model(name, backend=activations.backend_of_hook(hook))
+    model = activations.load_model(name, device=str(model_sae.W_enc.device), backend=activations.backend_of_hook(hook))
     neutral = neutral_contexts(model, args.contexts, args.context_length, corpus=args.corpus)
     points = unlearn_sweep(model, model_sae, hook, args.concept, neutral, sizes, args.clamp, args.generation_tokens)
     if args.json:
@@ -90,11 +92,12 @@ def _add_intervention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=int, default=8, help="neutral contexts scored (default: 8)")
     parser.add_argument("--context-length", type=int, default=64, help="tokens per neutral context (default: 64)")
     parser.add_argument("--corpus", default="default", help="where the neutral contexts come from (default: default)")
+    parser.add_argument("--device", default="auto", help=f"where the SAE and the model run: {DEVICE_HELP}")
 
 
 def _intervention_inputs(args: argparse.Namespace):
-    """(SAE, model name, hook) for steer/unlearn, checked before the model is loaded."""
-    model_sae = sae.load(args.sae)
+    """(SAE on --device, model name, hook) for steer/unlearn, checked before the model is loaded."""
+    model_sae = sae.load(args.sae, device=str(resolve_device(args.device)))
     name = args.model or model_sae.metadata.get("model_name")
     hook = args.hook or model_sae.metadata.get("hook_name")
     if not name or not hook:

@@ -8,14 +8,17 @@ import json
 
 import activations
 import sae
+from activations.devices import DEVICE_HELP
 from experiments.ioi import ATTRIBUTES, N_NAMES, POSITIONS, IOIError, IOIResult, check_request, parse_n_latents, run_ioi
+from sae.devices import resolve_device
 
 
 def run(args: argparse.Namespace) -> int:
     """Sufficiency, necessity, control and F1 on IOI prompts at the SAE's hook; a table, or one JSON object."""
     n_latents = parse_n_latents(args.n_latents)
     check_request(args.prompts, args.names, n_latents, args.position)
-    model_sae = sae.load(args.sae)
+    device = str(resolve_device(args.device))  # a bad --device is one line before anything is loaded
+    model_sae = sae.load(args.sae, device=device)
     name = args.model or model_sae.metadata.get("model_name")
     hook = args.hook or model_sae.metadata.get("hook_name")
     if not name or not hook:
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
                        "of the hf backend")
     if max(n_latents) > model_sae.cfg.n_features:
         raise IOIError(f"--n-latents {max(n_latents)} exceeds the SAE's {model_sae.cfg.n_features} latents")
-    model = activations.load_model(name)
+    model = activations.load_model(name, device=device)
     result = run_ioi(model, model_sae, hook, n_prompts=args.prompts, seed=args.seed, n_latents=n_latents,
                      position=args.position, n_names=args.names, sae_label=f"the SAE {args.sae}")
     if args.json:
@@ -87,5 +90,6 @@ def add_parser(sub) -> None:
                         help="node position: s2 (the second S token; default) or end (the last token)")
     parser.add_argument("--names", type=int, default=N_NAMES,
                         help=f"single-token names to use, at most (default: {N_NAMES})")
+    parser.add_argument("--device", default="auto", help=f"where the SAE and the model run: {DEVICE_HELP}")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)

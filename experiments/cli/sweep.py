@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from activations.devices import DEVICE_HELP
 from experiments.sweeps.runner import run_sweep
 
 SWEEP_HELP = """\
@@ -84,6 +85,8 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="S",
         help="seed for drawing random/bayes runs locally (default: 0; keep it to resume)",
     )
+    parser.add_argument("--device", help=f"where every run trains, overriding the file: {DEVICE_HELP} "
+                        "(default: the file's device, else auto)")
     parser.set_defaults(func=cmd_sweep)
     return parser
 
@@ -97,5 +100,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         local=args.local,
         shared_stream=args.shared_stream,
         seed=args.sample_seed,
+        device=args.device,
     )
     return 1 if any(entry["status"] == "failed" for entry in results) else 0

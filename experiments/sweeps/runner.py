@@ -17,6 +17,7 @@ from experiments.sweeps.expand import local_runs, run_name, run_names, varying_p
 from experiments.sweeps.results import SweepResult, results_table, sort_results, write_results
 from experiments.sweeps.spec import LOCAL_ONLY_KEYS, Sweep, load_sweep, run_count
 from experiments.wandb_logging import WandbRun, make_log_fn, resolve_mode, scalar_metrics
+from sae.devices import resolve_device
 from sae.errors import SAEError
 
 
@@ -30,6 +31,7 @@ def run_sweep(
     local: bool = False,
     shared_stream: bool = False,
     seed: int = 0,
+    device: str | None = None,
 ) -> list[SweepResult]:
     """Run every run of a sweep file; returns their results sorted by the sweep's metric.
 
@@ -37,16 +39,21 @@ def run_sweep(
     and a W&B agent trains them here; otherwise they are expanded locally (see `local_runs`) and each
     logs to its own W&B run (offline without a key; none with wandb=False). Results go to
     <out root>/sweep_results.json after every run. `shared_stream` trains runs that read the same
-    batches (same activations, hook, batch_size, total_tokens, seed) together with train_many.
+    batches (same activations, hook, batch_size, total_tokens, seed) together with train_many. `device` (auto,
+    cpu, cuda, cuda:N) overrides every run's device, the file's included.
     """
+    overrides = {}
+    if device is not None:
+        resolve_device(device)  # a bad or absent device is one error before the sweep starts
+        overrides["device"] = device
     sweep = load_sweep(path, count=count)
     if mode == "disabled":
         wandb = False
     root = Path(out_root or sweep.get("out_root") or Path("runs") / "sweeps" / sweep["name"])
     if wandb and not local and resolve_mode(mode, announce=False) == "online":
-        results = _run_with_agent(sweep, root, count)
+        results = _run_with_agent(sweep, root, count, overrides)
     else:
-        results = _run_locally(sweep, root, count, seed, mode if wandb else "disabled", shared_stream)
+        results = _run_locally(sweep, root, count, seed, mode if wandb else "disabled", shared_stream, overrides)
     print(results_table(sweep, results))
     return results
 
@@ -73,12 +80,13 @@ def _result(
 
 
 def _run_locally(
-    sweep: Sweep, root: Path, count: int | None, seed: int, mode: str | None, shared_stream: bool
+    sweep: Sweep, root: Path, count: int | None, seed: int, mode: str | None, shared_stream: bool,
+    overrides: dict[str, Any],
 ) -> list[SweepResult]:
     runs = local_runs(sweep, count, seed)
     names = run_names(sweep, runs)
     configs = [
-        training.run_config_from_dict({**params, "out": str(root / name)})
+        training.run_config_from_dict({**params, **overrides, "out": str(root / name)})
         for params, name in zip(runs, names, strict=True)
     ]
     for folder in sorted(
@@ -156,7 +164,7 @@ def _train_group(cfgs: list[Any], names: list[str], group: str, mode: str | None
     return [metrics for _, metrics in pairs]
 
 
-def _run_with_agent(sweep: Sweep, root: Path, count: int | None) -> list[SweepResult]:
+def _run_with_agent(sweep: Sweep, root: Path, count: int | None, overrides: dict[str, Any]) -> list[SweepResult]:
     """Create the sweep on W&B and let an agent in this process train what the controller picks."""
     import wandb  # deferred: importing wandb costs ~1 s of every saewb start-up (measured in docs/ARCHITECTURE.md)
 
@@ -173,7 +181,7 @@ def _run_with_agent(sweep: Sweep, root: Path, count: int | None) -> list[SweepRe
             chosen = {k: v for k, v in run.config_values.items() if k in params}
             name = run_name(chosen, varying)
             run.run.name = name
-            cfg = training.run_config_from_dict({**chosen, "out": str(root / name)})
+            cfg = training.run_config_from_dict({**chosen, **overrides, "out": str(root / name)})
             run.run.config.update(dataclasses.asdict(cfg), allow_val_change=True)
             metrics = _finished_metrics(Path(cfg.out))
             status = "reused" if metrics is not None else "trained"
