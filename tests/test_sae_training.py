@@ -14,7 +14,7 @@ from sae.training.checkpoint import Checkpointer, optimizer_tensors, read_checkp
 from sae.training.initialization import geometric_median
 from sae.training.schedule import lr_at
 from sae.training.streams import make_stream
-from sae.training.trainer import Trainer, project_decoder_grads
+from sae.training.trainer import Trainer, clip_in_optimizer, project_decoder_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster and repeatably on one thread
 
@@ -97,6 +97,35 @@ def test_gradient_projection_removes_the_parallel_component():
     assert parallel.abs().max().item() < 1e-6
     expected = grad - (grad * W.detach()).sum(dim=1, keepdim=True) * W.detach()
     assert torch.allclose(W.grad, expected)
+
+
+@pytest.mark.parametrize("scale", [100.0, 1e-3])  # clipped, and below the threshold
+def test_clipping_inside_fused_adam_matches_clip_grad_norm(scale):
+    """Adam's grad_scale does what clip_grad_norm_ + Adam do, without the pass that rescales the gradients."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(F, D, generator=g), torch.randn(D, generator=g)]
+    grads = [torch.randn(F, D, generator=g) * scale, torch.randn(D, generator=g) * scale]
+
+    def step(clip):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad.clone()
+        optimizer = torch.optim.Adam(params, lr=1e-2, fused=True)
+        norm = clip(optimizer, params)
+        optimizer.step()
+        return norm, [p.detach() for p in params]
+
+    ref_norm, ref = step(lambda opt, params: torch.nn.utils.clip_grad_norm_(params, 1.0))
+    norm, ours = step(lambda opt, params: clip_in_optimizer(opt, params, 1.0))
+    assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
+    for a, b in zip(ours, ref, strict=True):
+        if scale < 1:  # below the threshold the divisor is exactly 1: the same update, bit for bit
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    _, unclipped = step(lambda opt, params: clip_in_optimizer(opt, params, None))
+    if scale > 1:  # no max_norm: no scaling at all (Adam's update is scale-invariant only up to eps)
+        assert not torch.equal(unclipped[0], ours[0])
 
 
 def test_lr_schedule_warmup_is_clipped_and_decay_reaches_zero():
