@@ -81,15 +81,17 @@ def aux_support(pre_acts: Tensor, weights: Tensor, k_aux: int, exclude: Support 
 def sparse_aux_loss(
     sae_input: Tensor, W_enc: Tensor, b_enc: Tensor, pre_acts: Tensor, residual: Tensor, W_dec: Tensor,
     weights: Tensor, k_aux: int, coll: Collectives = SINGLE_PROCESS, exclude: Support | None = None,
+    b_pre: Tensor | None = None,
 ) -> Tensor:
     """`aux_reconstruction_loss` computed on the k_aux chosen latents only (same value and gradients).
 
-    sae_input, W_enc, b_enc: what `pre_acts` (no gradient) was computed from, for the sparse backward.
+    sae_input, W_enc, b_enc: what `pre_acts` (no gradient) was computed from, for the sparse backward; b_pre: the
+    decoder bias when sae_input = x - b_pre carries no autograd history (see gather_pre_acts).
     """
     support = aux_support(pre_acts, weights, k_aux, exclude)
     if support is None:
         return residual.new_zeros(())
-    values = gather_pre_acts(sae_input, W_enc, b_enc, pre_acts, support).relu()
+    values = gather_pre_acts(sae_input, W_enc, b_enc, pre_acts, support, b_pre).relu()
     error = _normalized_error(residual, decode_sparse(SparseCode(support, values), W_dec), coll)
     return candidate_scale(weights, k_aux) * error
 

@@ -51,7 +51,9 @@ class SparseSelection:
     pre_acts: Tensor
     "a [N, F] without gradient (select aux latents from it; its gradient flows via gather_pre_acts)."
     encoder_input: Tensor
-    "x - b_pre [N, d], with gradient (what the pre-activations were computed from)."
+    "x - b_pre [N, d] (what the pre-activations were computed from): with gradient, or without it when b_pre is set."
+    b_pre: Tensor | None = None
+    "The decoder bias when encoder_input carries no autograd history: gather_pre_acts gives it its gradient."
     stats: dict[str, Tensor | float] = field(default_factory=dict)
     "Architecture-specific numbers worth logging (device scalars stay tensors: the trainer reads them at log steps)."
 
@@ -172,12 +174,18 @@ class SAE(nn.Module):
         [N, F] buffer, when given); gradients reach W_enc, b_enc and b_pre only through the support.
         """
         self._check_grads(grads_n)
-        x_in = self.encoder_input(x_n)
+        b_pre = None
+        if self.cfg.apply_b_dec_to_input and not x_n.requires_grad:  # training: x_n is data, only b_pre learns
+            with torch.no_grad():
+                x_in = self.encoder_input(x_n)
+            b_pre = self.b_dec
+        else:
+            x_in = self.encoder_input(x_n)
         with torch.no_grad():
             a = torch.addmm(self.b_enc, x_in, self.W_enc, out=out)
             support, stats = self.select_train(a, grads_n)
-        values = gather_pre_acts(x_in, self.W_enc, self.b_enc, a, support).relu()
-        return SparseSelection(SparseCode(support, values), a, x_in, stats)
+        values = gather_pre_acts(x_in, self.W_enc, self.b_enc, a, support, b_pre).relu()
+        return SparseSelection(SparseCode(support, values), a, x_in, b_pre=b_pre, stats=stats)
 
     def _check_grads(self, grads_n: Tensor | None) -> None:
         if self.needs_grads and grads_n is None:

@@ -13,7 +13,17 @@ import torch
 from sae.aux_losses import aux_reconstruction_loss, sparse_aux_loss
 from sae.config import SAEConfig, TrainConfig
 from sae.registry import TRAINABLE, get_architecture
-from sae.sparse_code import SparseCode, Support, decode_sparse, gather_pre_acts, top_entries, topk_support
+from sae.sparse_code import (
+    CHUNKED_TOPK_MIN_FEATURES,
+    SparseCode,
+    Support,
+    _chunked_topk,
+    decode_sparse,
+    gather_pre_acts,
+    top_entries,
+    topk_indices,
+    topk_support,
+)
 from sae.training.streams import TensorStream
 from sae.training.trainer import Trainer
 
@@ -95,6 +105,58 @@ def test_variable_support_with_empty_rows_matches_dense(seed):
     _assert_same(*_both_ways(x, W_enc, b_enc, W_dec, support, target), seed)
     z = SparseCode(support, torch.ones(support.nnz, dtype=torch.float64))
     assert torch.equal(decode_sparse(z, W_dec)[0], torch.zeros(d, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [1, 7])
+def test_the_b_pre_gradient_from_db_enc_matches_autograd_through_x_minus_b_pre(seed, k):
+    """The training path passes x - b_pre without history and b_pre apart: its gradient -W_enc db_enc (no per-row
+    gradient of x) equals autograd's through a = (x - b_pre) W_enc + b_enc (float64)."""
+    B, d, F = 33, 6, 20
+    W_enc, b_enc, W_dec = _params(d, F, ties=False)
+    b_pre = torch.randn(d, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, d, dtype=torch.float64)  # data: no gradient
+    target = torch.randn(B, d, dtype=torch.float64)
+    params = (W_enc, b_enc, W_dec, b_pre)
+    with torch.no_grad():
+        x_in = x - b_pre
+        a = x_in @ W_enc + b_enc
+        support = topk_support(a, k)
+    z = SparseCode(support, gather_pre_acts(x_in, W_enc, b_enc, a, support, b_pre).relu())
+    sparse = torch.autograd.grad((decode_sparse(z, W_dec) + b_pre - target).pow(2).sum(), params)
+    dense_z = torch.where(support.mask(), ((x - b_pre) @ W_enc + b_enc).relu(), torch.zeros(()).double())
+    dense = torch.autograd.grad((dense_z @ W_dec + b_pre - target).pow(2).sum(), params)
+    for name, gs, gd in zip(("W_enc", "b_enc", "W_dec", "b_pre"), sparse, dense, strict=True):
+        assert torch.allclose(gs, gd, **TOL), f"grad of {name} differs (seed {seed})"
+    with pytest.raises(ValueError, match="without autograd history"):
+        gather_pre_acts(x_in.requires_grad_(), W_enc, b_enc, a, support, b_pre)
+
+
+@pytest.mark.parametrize(("n_cols", "k", "chunk"), [(4096, 16, 8), (8192, 32, 16), (64, 4, 8), (48, 3, 4)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_chunked_topk_selects_the_k_largest_of_every_row(seed, n_cols, k, chunk, ties):
+    """The chunk-maxima top-k keeps exactly each row's k largest values (with ties: as many of the boundary value
+    as torch.topk does), k distinct indices per row."""
+    g = torch.Generator().manual_seed(seed)
+    n_rows = 37
+    scores = (torch.randint(-3, 4, (n_rows, n_cols), generator=g).float() if ties
+              else torch.randn(n_rows, n_cols, generator=g))
+    idx = _chunked_topk(scores, k, chunk)
+    assert idx.shape == (n_rows, k) and int(idx.min()) >= 0 and int(idx.max()) < n_cols
+    assert all(len(set(row)) == k for row in idx.tolist())
+    expected = scores.topk(k, dim=-1).values
+    assert torch.equal(scores.gather(1, idx).sort(dim=1, descending=True).values, expected), f"seed {seed}"
+
+
+def test_topk_indices_takes_the_chunked_path_only_on_wide_cpu_matrices(monkeypatch):
+    calls = []
+    import sae.sparse_code as sc
+
+    monkeypatch.setattr(sc, "_chunked_topk", lambda s, k, c: calls.append((s.shape[1], k, c)) or s.topk(k).indices)
+    topk_indices(torch.randn(4, CHUNKED_TOPK_MIN_FEATURES), 16)
+    topk_indices(torch.randn(4, 2 * CHUNKED_TOPK_MIN_FEATURES), 16)  # F/k = 512: chunks of 16
+    topk_indices(torch.randn(4, CHUNKED_TOPK_MIN_FEATURES // 2), 16)  # narrow: torch.topk
+    topk_indices(torch.randn(4, CHUNKED_TOPK_MIN_FEATURES), 512)  # k * chunk too large a share: torch.topk
+    assert calls == [(CHUNKED_TOPK_MIN_FEATURES, 16, 8), (2 * CHUNKED_TOPK_MIN_FEATURES, 16, 16)]
 
 
 def test_support_from_pairs_sorts_rows_into_csr_order():

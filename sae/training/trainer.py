@@ -65,7 +65,7 @@ def clip_in_optimizer(optimizer: torch.optim.Optimizer, params: list[Tensor], ma
     That saves clip_grad_norm_'s extra pass rescaling every gradient in place (no host sync either way)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm:
-        optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).float()  # fp32, as the kernel reads
     return norm
 
 
@@ -279,7 +279,7 @@ class Trainer:
             if weights is not None:
                 aux = sparse_aux_loss(
                     sel.encoder_input, sae.W_enc, sae.b_enc, sel.pre_acts, residual, sae.W_dec, weights, self.k_aux,
-                    self.coll, exclude=sel.code.support,
+                    self.coll, exclude=sel.code.support, b_pre=sel.b_pre,
                 )
             return x_hat, aux, sel.code, sel.stats
         z, selection = sae.encode_train(x_n, g_n)
