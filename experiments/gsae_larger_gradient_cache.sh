@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# g-SAE at a >=200k-row gradient cache: eval-grads 800 contexts (CE/KL on ~101.6k tokens), grads 1600 contexts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+OUT=${OUT:-runs/gsae-204800}
+HOOK=blocks.6.hook_resid_post
+date
+$BIN/saewb cache --hooks $HOOK --tokens 204800 --skip-contexts 9618 --with-grads --batch-size 16 --out $OUT/cache-grads --quiet
+date
+$BIN/saewb cache --hooks $HOOK --tokens 102400 --skip-contexts 11218 --with-grads --batch-size 16 --out $OUT/cache-eval-grads --quiet
+date
+compare() {
+    $BIN/python -m experiments.compare \
+        --activations $OUT/cache-grads --eval-activations $OUT/cache-eval-grads \
+        --grads-activations $OUT/cache-grads --eval-grads-activations $OUT/cache-eval-grads \
+        --runs gradient_topk topk@grads-cache \
+        --n-features 2304 --seeds 0 1 2 --grads-total-tokens 393216 \
+        --lr-multipliers 0.5 1 2 --lr-select-tokens 131072 --eval-tokens 65536 --validation-rows 32768 \
+        --out $OUT/compare "$@"
+}
+compare --k 32 --ce-tokens 102400
+date
+compare --k 32 16 64 --ce-tokens 4096
+date
+compare --k 32 16 64 --ce-tokens 4096 --report-only
+date
