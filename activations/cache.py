@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.corpus import corpus_fingerprint, iter_texts, load_corpus, pack_tokens
-from activations.devices import DeviceError, check_device_spec, resolve_device
+from activations.devices import DeviceError, check_device_spec, model_device, resolve_device
 from activations.format import DTYPES, FORMAT_VERSION, MANIFEST, STORAGE_NUMPY, CacheError, sha256_file
 from activations.hf_backend import BACKENDS
 from activations.hooks import HookSpec, expand_hooks, is_pattern, resolve_hooks, stop_layer
@@ -426,7 +426,7 @@ def _fill_shards(model, cfg, specs, tokens, manifest, out: Path, bos_id: int, pr
     done = {s["index"] for s in manifest["shards"]}
     todo = [i for i in range(manifest["n_shards"]) if i not in done]
     keep = tokens != bos_id
-    device = torch.device(str(getattr(model.cfg, "device", "cpu")))
+    device = model_device(model)
     writer = ShardWriter(out, manifest)
     total_rows_todo = int(sum(keep[i * shard_contexts : (i + 1) * shard_contexts].sum() for i in todo))
     bar = tqdm(

@@ -24,6 +24,12 @@ def check_device_spec(spec: str) -> None:
         raise DeviceError(f"device must be {DEVICE_HELP.split(';')[0]}, got {spec!r}.")
 
 
+def model_device(model) -> torch.device:
+    """The device a loaded transformer_lens (or hf-backend) model runs on: its outputs land there, so its inputs and
+    whatever meets its outputs go there too."""
+    return torch.device(str(getattr(model.cfg, "device", "cpu")))
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The torch.device `spec` names, checked against the hardware: one clear error when CUDA is asked for and
     torch has none (or not that many GPUs)."""

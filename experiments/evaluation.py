@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 import activations
 import sae as sae_lib
 from activations.cache import CacheConfig, make_tokens, next_token_ce_sum
+from activations.devices import model_device
 from activations.hooks import HookSpec, resolve_hooks
 from sae.devices import resolve_device
 from sae.errors import SAEDataError
@@ -139,7 +140,7 @@ def in_the_loop_reports(
     totals = {"clean": 0.0, "zero": 0.0, "kl_zero": 0.0, "n": 0.0}
     totals.update({f"{key}_{name}": 0.0 for name in named for key in ("ce", "kl")})
     split = None if with_grads else restart_layer(model, hook.name)
-    device = torch.device(str(getattr(model.cfg, "device", "cpu")))  # the tokens go where the model is
+    device = model_device(model)  # the tokens go where the model is
     starts = range(0, tokens.shape[0], batch_size)
     for b0 in tqdm(starts, desc="CE/KL", unit="batch", disable=not progress or len(starts) < 2):
         x = torch.from_numpy(np.asarray(tokens[b0 : b0 + batch_size]).astype(np.int64)).to(device)

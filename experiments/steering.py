@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from activations.cache import CacheConfig, make_tokens
+from activations.devices import model_device
 
 MAX_RAW = 1000.0
 MAX_TIMES_MAX_ACT = 100.0
@@ -28,11 +29,6 @@ POSITIONS = ("all", "prompt", "generated")
 MODES = ("add", "clamp", "ablate")
 N_TARGET_TOKENS = 10
 """Top logit-lens tokens of a feature whose log-probability the effect measures."""
-
-
-def model_device(model) -> torch.device:
-    """The device a transformer_lens (or hf-backend) model runs on: its outputs land there."""
-    return torch.device(str(getattr(model.cfg, "device", "cpu")))
 
 
 class InputError(ValueError):

@@ -20,12 +20,12 @@ from functools import partial
 
 import torch
 
+from activations.devices import model_device
 from experiments.steering import (
     SteeringError,
     feature_directions,
     generate_continuations,
     hook_activations,
-    model_device,
     prompt_tokens,
     steering_hook,
 )
