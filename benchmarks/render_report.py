@@ -135,7 +135,7 @@ def report(results: dict[str, Any], results_path: Path, report_path: Path, figur
         "Reproduce (creates `.venv-bench` with the peers if missing; the numbers below come from this command):",
         "",
         "```",
-        "make bench" + (f" BENCH_ARGS='{shlex.join(results['argv'])}'" if results["argv"] else ""),
+        "make bench   # both shapes (F=9216, k=32 and F=32768, k=64); this report's part of it:",
         "# = .venv/bin/python benchmarks/bench_training.py " + shlex.join(results["argv"]),
         "```",
         "",
@@ -168,7 +168,9 @@ def report(results: dict[str, Any], results_path: Path, report_path: Path, figur
         f"- tokens/s times the training loop only: {timed} step(s) after {s['warmup_steps']} untimed warm-up "
         "step(s), identical for every framework. \"incl. init\" also counts the warm-up and the set-up before the "
         "loop (ours: scalar-normalisation estimate + geometric-median b_pre; SAELens: its norm-scaling estimate "
-        "+ b_dec init; sparsify: none, its mean b_dec init runs inside step 0).",
+        "+ b_dec init; sparsify: none, its mean b_dec init runs inside step 0) and what runs after it (ours, "
+        "Mutual-Choice and Feature-Choice: the end-of-training threshold calibration on the training rows, which "
+        "the peers do not have).",
         "- Peak RSS: `ru_maxrss` of the run's process read right after training, before the held-out evaluation; "
         "in brackets the same high-water mark just before training (imports, the training rows every runner "
         "holds in memory, the model), so the difference is what training itself adds.",
