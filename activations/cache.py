@@ -74,7 +74,8 @@ class CacheConfig:
     out: str = ""
     "Output folder (created; an existing cache of the same settings is resumed)."
     corpus: str = "default"
-    "'default' (KJV + stdlib prose, offline), 'kjv', 'python-stdlib', a .txt/.jsonl/.parquet file, or a HF dataset."
+    ("'default' (KJV + stdlib prose, ~1.9M tokens, offline), 'default-large' (KJV + whole stdlib sources), 'kjv', "
+     "'python-stdlib', 'python-stdlib-source', a .txt/.jsonl/.parquet file, or a HF dataset.")
     tokens: int = 100_000
     "Tokens to run through the model, rounded up to whole contexts (BOS rows are then dropped)."
     context: int = 128

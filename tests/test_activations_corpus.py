@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
 from conftest import BOS_ID, VOCAB, corpus_paragraphs
 
-from activations.corpus import CorpusError, iter_texts, kjv_chapters, load_corpus, pack_tokens
+from activations.corpus import (
+    CorpusError,
+    _embedded,
+    corpus_fingerprint,
+    iter_texts,
+    kjv_chapters,
+    load_corpus,
+    pack_tokens,
+    stdlib_documents,
+)
 
 B = BOS_ID
 
@@ -119,6 +130,34 @@ def test_kjv_chapters():
     assert chapters[-1].endswith("Amen.")
     # Verse numbers are stripped: no chapter starts with a digit.
     assert not any(ch[:1].isdigit() for ch in chapters)
+
+
+def test_stdlib_source_documents_hold_the_prose_documents_and_the_code(isolated_cache_root):
+    prose = list(stdlib_documents("python-stdlib"))
+    source = list(stdlib_documents("python-stdlib-source"))
+    # One document per module either way (a module with < 200 characters of prose has no prose document).
+    assert len(source) >= len(prose) > 300
+    joined = "\n".join(source)
+    assert sum(map(len, source)) > 3 * sum(map(len, prose))
+    # Whole sources: code and the docstrings the prose corpus extracts from it.
+    assert "def " in joined and "import " in joined
+    first_docstring = ast.get_docstring(ast.parse(source[0]))
+    assert first_docstring and first_docstring in "\n".join(prose)
+    # Extracted once into the cache root, then read back unchanged.
+    cached = sorted(p.name for p in (isolated_cache_root / "corpus").iterdir())
+    assert cached == sorted(f"{kind}-{sys.version_info.major}.{sys.version_info.minor}.json"
+                            for kind in ("python-stdlib", "python-stdlib-source"))
+    assert list(stdlib_documents("python-stdlib-source")) == source
+
+
+def test_default_large_is_kjv_and_whole_stdlib_sources(isolated_cache_root):
+    large = list(_embedded("default-large"))
+    chapters = list(kjv_chapters())
+    source = list(stdlib_documents("python-stdlib-source"))
+    assert sorted(large) == sorted(chapters + source)
+    assert large[:2] == [chapters[0], source[0]]  # interleaved, like default
+    assert sum(map(len, large)) > 2 * sum(map(len, _embedded("default")))
+    assert corpus_fingerprint("default-large").startswith("default-large@python")
 
 
 def test_load_corpus_kjv_is_a_dataset():
