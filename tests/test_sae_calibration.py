@@ -104,6 +104,21 @@ def test_feature_choice_zipf_calibration_reaches_the_target_despite_latents_shor
     assert float((model.encode(sample) > 0).sum()) / sample.shape[0] == record["reached_l0"]
 
 
+@pytest.mark.parametrize("capacity, target", [("uniform", K), ("zipf", K), ("uniform", F - 1), ("zipf", 2.5)])
+def test_feature_choice_reached_l0_is_the_direct_count_on_the_sample(data, capacity, target):
+    """The reached L0 is counted from the kept column tops (no extra pass); it must equal the L0 the thresholds give
+    on the sample, also when the start scale's pass is redone for a larger s (zipf) and when the target cannot be
+    reached (F - 1: every latent lets all its positive rows through)."""
+    train, sample, _ = data
+    model = short_run("feature_choice", train, fc_capacity=capacity)
+    record = sae.calibrate(model, sample, target_l0=target)
+    direct = float((model.encode(sample) > 0).sum()) / sample.shape[0]
+    assert record["reached_l0"] == direct
+    if target == F - 1:
+        assert record["capacity_scale"] is None
+        assert direct == float((model.pre_acts(model.normalize(sample)[0]) > 0).sum()) / sample.shape[0]
+
+
 def test_capacity_scale_is_the_smallest_that_reaches_the_total():
     """Float64 reference by brute force over a fine grid of s."""
     share = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0], dtype=torch.float64)
