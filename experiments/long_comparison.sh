@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/long}
 HOOK=blocks.6.hook_resid_post
+CORPUS=${CORPUS:-default}             # default-large (4.18M tokens) for caches beyond default's ~2.07M
 N_FEATURES=${N_FEATURES:-2304}        # 4 x d_model
 KS=${KS:-"32 16 64"}                 # k=32 first: the claim table
 SEEDS=${SEEDS:-"0 1 2"}
@@ -25,11 +26,11 @@ CLAIM_CE_TOKENS=${CLAIM_CE_TOKENS:-102400}  # CE/KL of the claim table's k: 800 
 CLAIM_K=${KS%% *}                     # the first k: the claim table (and the learning-rate choice)
 
 # contexts of 128 tokens: training 8594, held-out 1024, held-out with gradients 128, gradients 768
-$BIN/saewb cache --hooks $HOOK --tokens 1100000 --out $OUT/cache --quiet
-$BIN/saewb cache --hooks $HOOK --tokens 131072 --skip-contexts 8594 --out $OUT/cache-eval --quiet
-$BIN/saewb cache --hooks $HOOK --tokens 16384 --skip-contexts 9618 --with-grads --batch-size 16 \
+$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 1100000 --out $OUT/cache --quiet
+$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 131072 --skip-contexts 8594 --out $OUT/cache-eval --quiet
+$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 16384 --skip-contexts 9618 --with-grads --batch-size 16 \
     --out $OUT/cache-eval-grads --quiet
-$BIN/saewb cache --hooks $HOOK --tokens 98304 --skip-contexts 9746 --with-grads --batch-size 16 \
+$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 98304 --skip-contexts 9746 --with-grads --batch-size 16 \
     --out $OUT/cache-grads --quiet
 
 compare() {
