@@ -74,7 +74,7 @@ class CacheConfig:
     out: str = ""
     "Output folder (created; an existing cache of the same settings is resumed)."
     corpus: str = "default"
-    ("'default' (KJV + stdlib prose, ~1.9M tokens, offline), 'default-large' (KJV + whole stdlib sources), 'kjv', "
+    ("'default' (KJV + stdlib prose, ~2.07M tokens, offline), 'default-large' (KJV + whole stdlib sources), 'kjv', "
      "'python-stdlib', 'python-stdlib-source', a .txt/.jsonl/.parquet file, or a HF dataset.")
     tokens: int = 100_000
     "Tokens to run through the model, rounded up to whole contexts (BOS rows are then dropped)."

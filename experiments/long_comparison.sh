@@ -9,7 +9,7 @@
 # Resumable: every step reuses what is finished (caches continue after their last shard, finished runs are
 # reused), so rerunning the same command continues after an interruption. The numbers in the README's claim
 # table come from this script; its sizes are set by the variables below (override them in the environment).
-# The default corpus holds ~1.9M tokens, so the five caches (1.35M tokens) never overlap.
+# The default corpus holds ~2.07M tokens, so the five caches (1.35M tokens) never overlap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}

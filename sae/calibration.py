@@ -138,9 +138,10 @@ def _per_latent_thresholds(
 
     s is None when even every positive row of every latent with a capacity falls short of the target.
     One pass over the sample when s is its start (the usual case): the counts at the start bound every n_i, so the
-    pass that counts the positives P_i also keeps enough of each column's top values; only a larger s needs a
-    second pass. The L0 reached is counted from the kept values (every value above θ_i ≥ 0 is among them; a
-    θ_i < 0 lets the P_i positive rows through), not by a third pass."""
+    pass that counts the positives P_i also keeps enough of each column's top values; only counts above that bound
+    (a larger s, or an unreachable target's P_i) need a second pass. The L0 reached is counted from the kept values
+    (every value above θ_i ≥ 0 is among them; a θ_i < 0 lets the P_i positive rows through), not by a third
+    pass."""
     n_rows = sum(r.shape[0] for r in rows)
     share = model.capacities(train_batch_size).double().to(model.threshold.device) / train_batch_size
     start = target / model.cfg.k
@@ -148,7 +149,7 @@ def _per_latent_thresholds(
     positives = torch.zeros(model.cfg.n_features, dtype=torch.int64, device=model.threshold.device)
     kept = _column_tops(model, rows, bound, positives)
     scale, want = capacity_scale(share, positives, n_rows, target, start=start)
-    if scale is not None and scale != start:  # the bound no longer holds: keep the tops for the larger counts
+    if bool((want > bound).any()):  # a larger s (or every positive row) asks for more: keep tops for those counts
         kept = _column_tops(model, rows, want, None)
     full, top, columns = kept
     theta = torch.empty(model.cfg.n_features, dtype=model.threshold.dtype, device=model.threshold.device)
