@@ -10,6 +10,10 @@
 # reused), so rerunning the same command continues after an interruption. The numbers in the README's claim
 # table come from this script; its sizes are set by the variables below (override them in the environment).
 # The default corpus holds ~2.07M tokens, so the five caches (1.35M tokens) never overlap.
+#
+# The >= 2M-token check at k=32 (no gradient caches; the claim pass scores TopK and the two MC runs):
+#   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=32 WITH_GRADS=0 OUT=runs/long2m \
+#       nohup bash experiments/long_comparison.sh > runs/long2m.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -25,20 +29,34 @@ CE_TOKENS=${CE_TOKENS:-4096}          # CE/KL of every run (the Pareto curves ov
 CLAIM_CE_TOKENS=${CLAIM_CE_TOKENS:-102400}  # CE/KL of the claim table's k: 800 contexts, 101,600 scored tokens
 CLAIM_K=${KS%% *}                     # the first k: the claim table (and the learning-rate choice)
 
-# contexts of 128 tokens: training 8594, held-out 1024, held-out with gradients 128, gradients 768
-$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 1100000 --out $OUT/cache --quiet
-$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 131072 --skip-contexts 8594 --out $OUT/cache-eval --quiet
-$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 16384 --skip-contexts 9618 --with-grads --batch-size 16 \
-    --out $OUT/cache-eval-grads --quiet
-$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 98304 --skip-contexts 9746 --with-grads --batch-size 16 \
-    --out $OUT/cache-grads --quiet
+CACHE_TOKENS=${CACHE_TOKENS:-1100000}  # the training cache
+WITH_GRADS=${WITH_GRADS:-1}           # 0: no gradient caches, no g-SAE runs
+CONTEXT=128
+
+# contexts of 128 tokens: training (8594 by default), then held-out 1024, held-out with gradients 128, gradients 768
+TRAIN_CONTEXTS=$(( (CACHE_TOKENS + CONTEXT - 1) / CONTEXT ))
+$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens "$CACHE_TOKENS" --out $OUT/cache --quiet
+$BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 131072 --skip-contexts $TRAIN_CONTEXTS \
+    --out $OUT/cache-eval --quiet
+GRADS_ARGS=()
+if [ "$WITH_GRADS" = 1 ]; then
+    $BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 16384 --skip-contexts $((TRAIN_CONTEXTS + 1024)) \
+        --with-grads --batch-size 16 --out $OUT/cache-eval-grads --quiet
+    $BIN/saewb cache --corpus "$CORPUS" --hooks $HOOK --tokens 98304 --skip-contexts $((TRAIN_CONTEXTS + 1152)) \
+        --with-grads --batch-size 16 --out $OUT/cache-grads --quiet
+    GRADS_ARGS=(--grads-activations $OUT/cache-grads --eval-grads-activations $OUT/cache-eval-grads
+                --grads-total-tokens "$GRADS_TOKENS")
+    CLAIM_RUNS=${CLAIM_RUNS:-"topk mutual_choice mutual_choice+per_token_standardize gradient_topk topk@grads-cache"}
+else
+    CLAIM_RUNS=${CLAIM_RUNS:-"topk mutual_choice mutual_choice+per_token_standardize"}
+fi
+OTHER_RUNS=${OTHER_RUNS:-"feature_choice feature_choice+zipf mutual_choice+aux_zipf"}  # '' skips their CE pass
 
 compare() {
     # shellcheck disable=SC2086  # KS and SEEDS are lists
     $BIN/python -m experiments.compare \
-        --activations $OUT/cache --eval-activations $OUT/cache-eval \
-        --grads-activations $OUT/cache-grads --eval-grads-activations $OUT/cache-eval-grads \
-        --n-features "$N_FEATURES" --seeds $SEEDS --total-tokens "$TOKENS" --grads-total-tokens "$GRADS_TOKENS" \
+        --activations $OUT/cache --eval-activations $OUT/cache-eval "${GRADS_ARGS[@]}" \
+        --n-features "$N_FEATURES" --seeds $SEEDS --total-tokens "$TOKENS" \
         --lr-multipliers 0.5 1 2 --lr-select-tokens 131072 --eval-tokens 65536 --validation-rows 32768 \
         --out $OUT/compare "$@"
 }
@@ -48,8 +66,9 @@ compare() {
 # pairs only runs scored on the same tokens.
 # shellcheck disable=SC2086
 compare --k $KS --ce-tokens "$CE_TOKENS"
-compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS" \
-    --runs topk mutual_choice mutual_choice+per_token_standardize gradient_topk topk@grads-cache
-compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS" --runs feature_choice feature_choice+zipf mutual_choice+aux_zipf
+# shellcheck disable=SC2086
+compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS" --runs $CLAIM_RUNS
+# shellcheck disable=SC2086
+[ -z "$OTHER_RUNS" ] || compare --k "$CLAIM_K" --ce-tokens "$CLAIM_CE_TOKENS" --runs $OTHER_RUNS
 # shellcheck disable=SC2086
 compare --k $KS --ce-tokens "$CE_TOKENS" --report-only
