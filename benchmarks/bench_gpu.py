@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from step_syncs import synchronize
+from step_syncs import synchronize, timed_loop
 
 import sae
 from sae.devices import resolve_device
@@ -64,13 +64,8 @@ def timed_run(train: torch.Tensor, d: int, n_features: int, k: int, args: argpar
         device=args.device, autocast=autocast, warmup_steps=0, decay_fraction=0.0, norm_estimation_batches=2,
         geometric_median_rows=min(4096, train.shape[0]),
     )
-    trainer.initialize()
-    trainer.resume = lambda: True  # type: ignore[method-assign]  # time the loop only: initialised above
-    synchronize(trainer.device)
-    began = time.perf_counter()
-    model = trainer.run()
-    synchronize(trainer.device)
-    return args.steps * args.batch_size / (time.perf_counter() - began), model
+    seconds, model = timed_loop(trainer)
+    return args.steps * args.batch_size / seconds, model
 
 
 def bench_shape(d: int, n_features: int, k: int, args: argparse.Namespace, device: torch.device) -> list[dict]:

@@ -33,13 +33,18 @@ def timed_run(x: torch.Tensor, args: argparse.Namespace, log_every: int) -> floa
         device=args.device, autocast=args.autocast, dead_tokens=args.dead_tokens, warmup_steps=0,
         decay_fraction=0.0, norm_estimation_batches=2, geometric_median_rows=min(4096, x.shape[0]),
     )
+    return args.steps / timed_loop(trainer)[0]
+
+
+def timed_loop(trainer: sae.Trainer) -> tuple[float, sae.SAE]:
+    """(seconds of the trainer's training loop, the trained SAE): initialised first, outside the clock."""
     trainer.initialize()
     trainer.resume = lambda: True  # type: ignore[method-assign]  # time the loop only: initialised above
     synchronize(trainer.device)
     began = time.perf_counter()
-    trainer.run()  # its last step is a log step, which reads the device: the queue is drained when it returns
+    model = trainer.run()  # its last step is a log step, which reads the device: the queue is drained when it returns
     synchronize(trainer.device)
-    return args.steps / (time.perf_counter() - began)
+    return time.perf_counter() - began, model
 
 
 def synchronize(device: torch.device) -> None:
