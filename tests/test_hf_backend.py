@@ -62,7 +62,9 @@ def test_hf_activations_equal_transformer_lens_ones_for_an_rmsnorm_model(hf, tl,
     _, theirs = tl.run_with_cache(x, names_filter=[hook])
     a, b = ours[module], theirs[hook].reshape(ours[module].shape)
     assert a.shape == (3, CONTEXT, b.shape[-1])
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # fp32 rounding of two algebraically equal computations (TL folds the norms and centres the weights) is relative
+    # to the tensor's scale (rms ~7 in the residual stream), not to each element: a small entry can differ by 2e-5
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.pow(2).mean().sqrt()))
 
 
 def test_hf_logits_equal_transformer_lens_log_probs(hf, tl):
