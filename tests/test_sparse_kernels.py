@@ -131,7 +131,8 @@ def test_the_b_pre_gradient_from_db_enc_matches_autograd_through_x_minus_b_pre(s
         gather_pre_acts(x_in.requires_grad_(), W_enc, b_enc, a, support, b_pre)
 
 
-@pytest.mark.parametrize(("n_cols", "k", "chunk"), [(4096, 16, 8), (8192, 32, 16), (64, 4, 8), (48, 3, 4)])
+@pytest.mark.parametrize(("n_cols", "k", "chunk"),
+                         [(4096, 16, 8), (8192, 32, 16), (64, 4, 8), (48, 3, 4), (9216, 32, 8), (8192, 16, 8)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_the_chunked_topk_selects_the_k_largest_of_every_row(seed, n_cols, k, chunk, ties):
     """The chunk-maxima top-k keeps exactly each row's k largest values (with ties: as many of the boundary value
@@ -140,7 +141,7 @@ def test_the_chunked_topk_selects_the_k_largest_of_every_row(seed, n_cols, k, ch
     n_rows = 37
     scores = (torch.randint(-3, 4, (n_rows, n_cols), generator=g).float() if ties
               else torch.randn(n_rows, n_cols, generator=g))
-    idx = _chunked_topk(scores, k, chunk)
+    idx = _chunked_topk(scores, k, chunk)  # 9216 and 8192/8: the maxima's top-k is chunked too (1152, 1024 wide)
     assert idx.shape == (n_rows, k) and int(idx.min()) >= 0 and int(idx.max()) < n_cols
     assert all(len(set(row)) == k for row in idx.tolist())
     expected = scores.topk(k, dim=-1).values
@@ -157,6 +158,20 @@ def test_topk_indices_takes_the_chunked_path_only_on_wide_cpu_matrices(monkeypat
     topk_indices(torch.randn(4, CHUNKED_TOPK_MIN_FEATURES // 2), 16)  # narrow: torch.topk
     topk_indices(torch.randn(4, CHUNKED_TOPK_MIN_FEATURES), 512)  # k * chunk too large a share: torch.topk
     assert calls == [(CHUNKED_TOPK_MIN_FEATURES, 16, 8), (2 * CHUNKED_TOPK_MIN_FEATURES, 16, 16)]
+
+
+def test_the_chunk_maxima_top_k_is_chunked_again_when_there_are_at_least_1024_maxima(monkeypatch):
+    import sae.sparse_code as sc
+
+    calls, original = [], sc._chunked_topk
+    monkeypatch.setattr(sc, "_chunked_topk", lambda s, k, c: calls.append((s.shape[1], k, c)) or original(s, k, c))
+    scores = torch.randn(5, 9216)
+    idx = sc._chunked_topk(scores, 32, 8)
+    assert calls == [(9216, 32, 8), (1152, 32, 8)]  # 1152 maxima -> 144: too few for another level
+    assert torch.equal(scores.gather(1, idx).sort(dim=1).values, scores.topk(32).values.sort(dim=1).values)
+    calls.clear()
+    sc._chunked_topk(torch.randn(5, 4096), 16, 8)  # 512 maxima: torch.topk
+    assert calls == [(4096, 16, 8)]
 
 
 def test_support_from_pairs_sorts_rows_into_csr_order():
