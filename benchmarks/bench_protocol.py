@@ -45,6 +45,8 @@ def runner_args(description: str) -> argparse.Namespace:
                         help="a latent is dead (AuxK candidate) after this many tokens without firing")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="framework-specific extra setting (ours: any sae.train option)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N: the SAE and every batch live there (moved before the clock starts)")
     args = parser.parse_args()
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps must be in [0, steps), got {args.warmup_steps} with --steps {args.steps}")
@@ -65,16 +67,16 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def load_data(folder: Path, steps: int, batch_size: int) -> tuple[Tensor, Tensor]:
-    """(train rows [steps*B, d], held-out rows [H, d]) as float32 tensors, fully in memory in every runner."""
+def load_data(folder: Path, steps: int, batch_size: int, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """(train rows [steps*B, d], held-out rows [H, d]) as float32 tensors, fully in memory (on `device`) in every
+    runner."""
     train = np.load(folder / TRAIN_FILE)
     heldout = np.load(folder / HELDOUT_FILE)
     need = steps * batch_size
     if train.shape[0] < need:
         raise SystemExit(f"{folder / TRAIN_FILE} has {train.shape[0]} rows; {steps} steps of {batch_size} need {need}")
-    return torch.from_numpy(np.ascontiguousarray(train[:need], dtype=np.float32)), torch.from_numpy(
-        np.ascontiguousarray(heldout, dtype=np.float32)
-    )
+    return (torch.from_numpy(np.ascontiguousarray(train[:need], dtype=np.float32)).to(device),
+            torch.from_numpy(np.ascontiguousarray(heldout, dtype=np.float32)).to(device))
 
 
 def batches(train: Tensor, batch_size: int) -> list[Tensor]:
@@ -83,17 +85,24 @@ def batches(train: Tensor, batch_size: int) -> list[Tensor]:
 
 
 class StepClock:
-    """Wall-clock marks: `start()` before step 0, `mark()` after every step."""
+    """Wall-clock marks: `start()` before step 0, `mark()` after every step. On CUDA each one first waits for the
+    device's queued work (every framework pays that one synchronisation per step alike)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
         self.started: float | None = None
         self.marks: list[float] = []
 
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def start(self) -> None:
-        self.started = time.perf_counter()
+        self.started = self._now()
 
     def mark(self, *_: Any) -> None:
-        self.marks.append(time.perf_counter())
+        self.marks.append(self._now())
 
     def loop_seconds(self, warmup: int) -> float:
         """Seconds from the end of the warm-up steps to the end of the last step."""
@@ -167,8 +176,11 @@ def emit(
         "loop_s": loop_s,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        "device": str(args.device),
         **fields,
     }
+    if torch.device(args.device).type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(args.device) / 2**20
     if "total_s" in result:
         result["tokens_per_s_total"] = args.steps * args.batch_size / result["total_s"]
     sys.stdout.flush()

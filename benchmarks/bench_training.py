@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae.devices import resolve_device
+from sae.errors import SAEConfigError
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
@@ -86,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "zeros = SAELens 6's own init, which leaves a short run's FVU above 1")
     parser.add_argument("--ours-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra sae.train option for our runs, e.g. sparse_kernels=false (repeatable)")
+    parser.add_argument("--device", default="cpu",
+                        help="where every framework trains: cpu (default), cuda or cuda:N; on CUDA sparsify uses its "
+                             "Triton decoder, on the CPU its eager one; the GEMM floor is measured on the same device")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench",
                         help="work folder: cache, exported .npy rows, results.json (default runs/bench)")
     parser.add_argument("--report", type=Path, default=HERE / "BENCHMARKS.md",
@@ -105,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "repeats", "n_features", "k", "batch_size", "heldout_rows"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.device = str(resolve_device(args.device))
+    except SAEConfigError as exc:
+        parser.error(f"--device: {exc}")
     args.lr = args.lr or 2e-4 / math.sqrt(args.n_features / 2**14)
     args.dead_tokens = args.dead_tokens or min(10_000_000, max(1, args.steps * args.batch_size // 5))
     return args
@@ -171,17 +181,23 @@ def export_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def gemm_flops(batch: int, d_in: int, n_features: int, reps: int = 5) -> float:
-    """Median fp32 FLOP/s of [B, d] @ [d, F] into a preallocated output (the encoder's forward GEMM)."""
+def gemm_flops(batch: int, d_in: int, n_features: int, reps: int = 5, device: str = "cpu") -> float:
+    """Median fp32 FLOP/s of [B, d] @ [d, F] into a preallocated output (the encoder's forward GEMM) on `device`
+    (on CUDA each product is timed to its completion)."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(batch, d_in, generator=generator)
-    w = torch.randn(d_in, n_features, generator=generator)
-    out = torch.empty(batch, n_features)
+    a = torch.randn(batch, d_in, generator=generator).to(device)
+    w = torch.randn(d_in, n_features, generator=generator).to(device)
+    out = torch.empty(batch, n_features, device=device)
     torch.matmul(a, w, out=out)
+    cuda = torch.device(device).type == "cuda"
     times = []
     for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
         began = time.perf_counter()
         torch.matmul(a, w, out=out)
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
     return 2 * batch * d_in * n_features / statistics.median(times)
 
@@ -201,12 +217,14 @@ def run_one(args: argparse.Namespace, framework: str, arch: str, data: Path) -> 
     command = [python, str(HERE / RUNNERS[framework]), "--data", str(data), "--arch", arch,
                "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
                "--batch-size", str(args.batch_size), "--n-features", str(args.n_features), "--k", str(args.k),
-               "--lr", repr(args.lr), "--seed", str(args.seed), "--dead-tokens", str(args.dead_tokens)]
+               "--lr", repr(args.lr), "--seed", str(args.seed), "--dead-tokens", str(args.dead_tokens),
+               "--device", args.device]
     if framework == "ours":
         command += [arg for option in args.ours_option for arg in ("--option", option)]
     if framework == "saelens":
         command += ["--option", f"b_dec_init={args.saelens_b_dec_init}"]
-    env = {**os.environ, "TQDM_DISABLE": "1", "SPARSIFY_DISABLE_TRITON": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled",
+           "SPARSIFY_DISABLE_TRITON": "1" if args.device == "cpu" else "0"}
     load = os.getloadavg()[0]
     began = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -314,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for repeat in range(args.repeats):
-        results["gemm"]["flops_per_s"].append(gemm_flops(args.batch_size, data["d_in"], args.n_features))
+        results["gemm"]["flops_per_s"].append(gemm_flops(args.batch_size, data["d_in"], args.n_features,
+                                                         device=args.device))
         for framework, arch in pairs:
             result = run_one(args, framework, arch, args.out / "data")
             result["repeat"] = repeat

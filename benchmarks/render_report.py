@@ -202,8 +202,10 @@ GPU_SECTION = """
 Not yet measured: no GPU has been lent to a session so far. `make bench-gpu` (benchmarks/bench_gpu.py) is ready:
 on one GPU it times our TopK at d=576 and 2304, F=16,384 to 131,072, k=32 and 64, batch 4096, fp32 and bf16,
 against the GPU's GEMM rate measured in the same run (one-GEMM and dense-encoder floors), with peak GPU memory
-and held-out FVU; `benchmarks/step_syncs.py --device cuda` measures what per-step logging costs. The peers'
-GPU runs (SAELens, sparsify with Triton) are not in it yet.
+and held-out FVU; then, in fp32, ours side by side with SAELens TopK and sparsify TopK with its Triton decoder
+through make bench's own runners (each in its own process, the same rows in the same order, runs alternating), with
+tokens/s, our speed-up, peak GPU memory and held-out FVU (the peers need .venv-bench installable on the GPU machine;
+`--peers none` skips them). `benchmarks/step_syncs.py --device cuda` measures what per-step logging costs.
 """
 """What the report says of GPU figures until benchmarks/bench_gpu.py has run on one."""
 

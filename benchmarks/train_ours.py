@@ -28,8 +28,8 @@ REPORTED_SETTINGS = ("lr", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip", 
 
 def main() -> None:
     args = runner_args(__doc__)
-    train, heldout = load_data(args.data, args.steps, args.batch_size)
-    clock = StepClock()
+    train, heldout = load_data(args.data, args.steps, args.batch_size, args.device)
+    clock = StepClock(args.device)
     options = {
         "shuffle": False,
         "progress": False,
@@ -38,6 +38,7 @@ def main() -> None:
         "adam_eps": 1e-8,
         "log_every": 1,
         "dead_tokens": args.dead_tokens,
+        "device": args.device,
         **parse_options(args.option),
     }
     trainer = sae.build_trainer(

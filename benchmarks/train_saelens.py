@@ -69,7 +69,7 @@ def main() -> None:
     if args.arch not in ARCHS:
         raise SystemExit(f"SAELens runner knows archs {sorted(ARCHS)}, got {args.arch!r}")
     sae_cls, cfg_cls, rule = ARCHS[args.arch]
-    train, heldout = load_data(args.data, args.steps, args.batch_size)
+    train, heldout = load_data(args.data, args.steps, args.batch_size, args.device)
     train_batches = batches(train, args.batch_size)
     options = parse_options(args.option)
     b_dec_init = options.pop("b_dec_init", "mean")
@@ -81,7 +81,7 @@ def main() -> None:
         d_sae=args.n_features,
         k=args.k,
         dtype="float32",
-        device="cpu",
+        device=args.device,
         normalize_activations="expected_average_only_in",
         **options,
     )
@@ -97,12 +97,12 @@ def main() -> None:
         lr_decay_steps=0,
         adam_beta1=0.9,
         adam_beta2=0.999,
-        device="cpu",
+        device=args.device,
         dead_feature_window=max(1, args.dead_tokens // args.batch_size),
         n_batches_for_norm_estimate=norm_batches,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    clock = StepClock()
+    clock = StepClock(args.device)
     trainer = TimedSAETrainer(trainer_cfg, model, timed_batches(train_batches, clock))
     trainer.clock = clock
     rss_before = peak_rss_mb()
@@ -123,7 +123,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         trained.save_inference_model(tmp)
-        inference = SAE.load_from_disk(tmp, device="cpu")
+        inference = SAE.load_from_disk(tmp, device=args.device)
     inference.eval()
 
     def reconstruct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

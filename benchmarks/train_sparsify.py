@@ -17,9 +17,13 @@ then decode, as SparseCoder.forward does.
 
 from __future__ import annotations
 
+import argparse
 import os
 
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # before importing sparsify: eager decoder on CPU
+# before importing sparsify: its Triton decoder on CUDA, the eager one on CPU (where Triton does not run)
+_device = argparse.ArgumentParser(add_help=False)
+_device.add_argument("--device", default="cpu")
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1" if _device.parse_known_args()[0].device == "cpu" else "0")
 
 import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
@@ -43,17 +47,18 @@ def main() -> None:
     args = runner_args(__doc__)
     if args.arch != "topk":
         raise SystemExit(f"sparsify trains TopK only (activation='topk'), got arch {args.arch!r}")
-    train, heldout = load_data(args.data, args.steps, args.batch_size)
+    train, heldout = load_data(args.data, args.steps, args.batch_size, args.device)
     train_batches = batches(train, args.batch_size)
     options = parse_options(args.option)
     auxk_alpha = float(options.pop("auxk_alpha", AUXK_ALPHA))
     torch.manual_seed(args.seed)  # as Trainer.__init__ does per init seed
     coder = SparseCoder(
-        train.shape[1], SparseCoderConfig(num_latents=args.n_features, k=args.k, **options), "cpu", dtype=torch.float32
+        train.shape[1], SparseCoderConfig(num_latents=args.n_features, k=args.k, **options), args.device,
+        dtype=torch.float32,
     )
     optimizer = torch.optim.Adam(coder.parameters(), lr=args.lr)
-    tokens_since_fired = torch.zeros(args.n_features, dtype=torch.long)
-    clock = StepClock()
+    tokens_since_fired = torch.zeros(args.n_features, dtype=torch.long, device=args.device)
+    clock = StepClock(args.device)
     rss_before = peak_rss_mb()
     began = time.perf_counter()
     clock.start()
@@ -63,7 +68,7 @@ def main() -> None:
         coder.set_decoder_norm_to_unit_norm()
         dead_mask = tokens_since_fired > args.dead_tokens if auxk_alpha > 0 else None
         out = coder(x, dead_mask=dead_mask)
-        did_fire = torch.zeros(args.n_features, dtype=torch.bool)
+        did_fire = torch.zeros(args.n_features, dtype=torch.bool, device=args.device)
         did_fire[out.latent_indices.flatten()] = True
         loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
         loss.backward()
@@ -99,7 +104,7 @@ def main() -> None:
             "grad_clip": None,
             "auxk_alpha": auxk_alpha,
             "dead_feature_threshold_tokens": args.dead_tokens,
-            "decoder_impl": "eager" if os.environ.get("SPARSIFY_DISABLE_TRITON") == "1" else "default",
+            "decoder_impl": "eager" if os.environ.get("SPARSIFY_DISABLE_TRITON") == "1" else "triton",
         },
     )
 
