@@ -11,8 +11,9 @@
 # table come from this script; its sizes are set by the variables below (override them in the environment).
 # The default corpus holds ~2.07M tokens, so the five caches (1.35M tokens) never overlap.
 #
-# The >= 2M-token check at k=32 (no gradient caches; the claim pass scores TopK and the two MC runs):
-#   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=32 WITH_GRADS=0 OUT=runs/long2m \
+# The >= 2M-token check at k=32 of the README (no gradient caches; the long CE pass for TopK and MC+pts only):
+#   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=32 WITH_GRADS=0 \
+#       CLAIM_RUNS="topk mutual_choice+per_token_standardize" OTHER_RUNS= OUT=runs/long2m \
 #       nohup bash experiments/long_comparison.sh > runs/long2m.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ if [ "$WITH_GRADS" = 1 ]; then
 else
     CLAIM_RUNS=${CLAIM_RUNS:-"topk mutual_choice mutual_choice+per_token_standardize"}
 fi
-OTHER_RUNS=${OTHER_RUNS:-"feature_choice feature_choice+zipf mutual_choice+aux_zipf"}  # '' skips their CE pass
+OTHER_RUNS=${OTHER_RUNS-"feature_choice feature_choice+zipf mutual_choice+aux_zipf"}  # set but empty: no CE pass
 
 compare() {
     # shellcheck disable=SC2086  # KS and SEEDS are lists
