@@ -117,6 +117,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb(device: str) -> float | None:
+    """High-water GPU memory of this process so far (torch.cuda.max_memory_allocated); None off CUDA. The runners
+    read it where they read peak RSS: right after training, before any inference copy or held-out latents."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if torch.device(device).type == "cuda" else None
+
+
 Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]
 """x [rows, d] -> (x_hat [rows, d], active latents per row [rows])."""
 
@@ -179,8 +185,6 @@ def emit(
         "device": str(args.device),
         **fields,
     }
-    if torch.device(args.device).type == "cuda":
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(args.device) / 2**20
     if "total_s" in result:
         result["tokens_per_s_total"] = args.steps * args.batch_size / result["total_s"]
     sys.stdout.flush()

@@ -13,7 +13,7 @@ import time
 from importlib.metadata import version
 
 import torch
-from bench_protocol import StepClock, emit, load_data, parse_options, peak_rss_mb, runner_args
+from bench_protocol import StepClock, emit, load_data, parse_options, peak_gpu_mb, peak_rss_mb, runner_args
 
 import sae
 
@@ -68,7 +68,7 @@ def main() -> None:
     began = time.perf_counter()
     model = trainer.run()
     total_s = time.perf_counter() - began
-    rss = peak_rss_mb()
+    rss, gpu_mb = peak_rss_mb(), peak_gpu_mb(args.device)
     if clock.started is None:
         raise SystemExit("Trainer.run() did not call initialize(): update train_ours.py's init timing")
     if len(clock.marks) != args.steps:
@@ -97,6 +97,7 @@ def main() -> None:
         init_s=init_s,
         total_s=total_s,
         peak_rss_mb=rss,
+        peak_gpu_mb=gpu_mb,
         rss_before_training_mb=rss_before,
         inference_rule=INFERENCE_RULES.get(args.arch, "the architecture's encode()"),
         settings={key: settings[key] for key in REPORTED_SETTINGS if key in settings},

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from bench_protocol import StepClock, batches, emit, load_data, parse_options, peak_rss_mb, runner_args
+from bench_protocol import StepClock, batches, emit, load_data, parse_options, peak_gpu_mb, peak_rss_mb, runner_args
 from sae_lens import (
     SAE,
     BatchTopKTrainingSAE,
@@ -117,7 +117,7 @@ def main() -> None:
             model.b_dec.copy_(trainer.activation_scaler(train_batches[0]).mean(dim=0))
     trained = trainer.fit()
     total_s = time.perf_counter() - began
-    rss = peak_rss_mb()
+    rss, gpu_mb = peak_rss_mb(), peak_gpu_mb(args.device)
     assert clock.started is not None
     init_s = clock.started - began
 
@@ -145,6 +145,7 @@ def main() -> None:
         init_s=init_s,
         total_s=total_s,
         peak_rss_mb=rss,
+        peak_gpu_mb=gpu_mb,
         rss_before_training_mb=rss_before,
         inference_rule=rule,
         inference_class=type(inference).__name__,

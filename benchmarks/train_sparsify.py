@@ -35,6 +35,7 @@ from bench_protocol import (  # noqa: E402
     emit,
     load_data,
     parse_options,
+    peak_gpu_mb,
     peak_rss_mb,
     runner_args,
 )
@@ -80,7 +81,7 @@ def main() -> None:
             tokens_since_fired[did_fire] = 0
         clock.mark()
     total_s = time.perf_counter() - began
-    rss = peak_rss_mb()
+    rss, gpu_mb = peak_rss_mb(), peak_gpu_mb(args.device)
 
     def reconstruct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top_acts, top_indices, _ = coder.encode(x)
@@ -96,6 +97,7 @@ def main() -> None:
         init_s=0.0,
         total_s=total_s,
         peak_rss_mb=rss,
+        peak_gpu_mb=gpu_mb,
         rss_before_training_mb=rss_before,
         inference_rule="per-token top-k (SparseCoder.encode + decode)",
         settings={
