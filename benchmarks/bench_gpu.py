@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_training import BENCH_PYTHON, run_one
+from bench_training import BENCH_PYTHON, default_dead_tokens, run_one
 from step_syncs import synchronize, timed_loop
 
 import sae
@@ -139,7 +138,7 @@ def side_by_side(d: int, n_features: int, k: int, args: argparse.Namespace, devi
     del data
     run_args = argparse.Namespace(
         steps=steps, warmup_steps=1, batch_size=args.batch_size, n_features=n_features, k=k,
-        lr=2e-4 / math.sqrt(n_features / 2**14), seed=0, dead_tokens=max(1, rows // 5), ours_option=[],
+        lr=sae.default_lr(n_features), seed=0, dead_tokens=default_dead_tokens(rows), ours_option=[],
         saelens_b_dec_init="mean", device=str(device))
     frameworks = ("ours", *args.peers)
     runs: dict[str, list[dict]] = {framework: [] for framework in frameworks}

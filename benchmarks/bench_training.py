@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from step_syncs import synchronize
 
+from sae import default_lr
 from sae.devices import resolve_device
 from sae.errors import SAEConfigError
 
@@ -115,9 +117,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = str(resolve_device(args.device))
     except SAEConfigError as exc:
         parser.error(f"--device: {exc}")
-    args.lr = args.lr or 2e-4 / math.sqrt(args.n_features / 2**14)
-    args.dead_tokens = args.dead_tokens or min(10_000_000, max(1, args.steps * args.batch_size // 5))
+    args.lr = args.lr or default_lr(args.n_features)
+    args.dead_tokens = args.dead_tokens or default_dead_tokens(args.steps * args.batch_size)
     return args
+
+
+def default_dead_tokens(run_tokens: int) -> int:
+    """AuxK's dead-latent window of every framework in a run of `run_tokens`: ours, min(10M, 20% of the run)."""
+    return min(10_000_000, max(1, run_tokens // 5))
 
 
 def _split(parser: argparse.ArgumentParser, flag: str, value: str, allowed: tuple[str, ...]) -> list[str]:
@@ -189,15 +196,12 @@ def gemm_flops(batch: int, d_in: int, n_features: int, reps: int = 5, device: st
     w = torch.randn(d_in, n_features, generator=generator).to(device)
     out = torch.empty(batch, n_features, device=device)
     torch.matmul(a, w, out=out)
-    cuda = torch.device(device).type == "cuda"
     times = []
     for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(out.device)
         began = time.perf_counter()
         torch.matmul(a, w, out=out)
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(out.device)
         times.append(time.perf_counter() - began)
     return 2 * batch * d_in * n_features / statistics.median(times)
 
