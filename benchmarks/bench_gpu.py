@@ -29,15 +29,15 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from bench_training import BENCH_PYTHON, default_dead_tokens, run_one
-from step_syncs import synchronize, timed_loop
+from bench_protocol import save_data
+from bench_training import BENCH_PYTHON, default_dead_tokens, gemm_flops, run_one
+from step_syncs import timed_loop
 
 import sae
+from activations.storage import atomic_write_bytes, atomic_write_json
 from sae.devices import resolve_device
 from sae.errors import SAEConfigError
 
@@ -68,23 +68,6 @@ def planted_rows(n_rows: int, d: int, n_atoms: int, k: int, device: torch.device
     return out
 
 
-def gemm_rate(batch: int, d: int, n_features: int, dtype: torch.dtype, device: torch.device,
-              repeats: int = 10) -> float:
-    """FLOP/s of [batch, d] @ [d, F] in `dtype` on `device`: the median of timed products after three warm-ups."""
-    a = torch.randn(batch, d, device=device, dtype=dtype)
-    b = torch.randn(d, n_features, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        began = time.perf_counter()
-        a @ b
-        synchronize(device)
-        times.append(time.perf_counter() - began)
-    return 2 * batch * d * n_features / statistics.median(times)
-
-
 def timed_run(train: torch.Tensor, d: int, n_features: int, k: int, args: argparse.Namespace, autocast: str):
     """(tokens/s of the training loop, the trained SAE)."""
     trainer = sae.build_trainer(
@@ -106,7 +89,7 @@ def bench_shape(d: int, n_features: int, k: int, args: argparse.Namespace, devic
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        rate = gemm_rate(args.batch_size, d, n_features, dtype, device)
+        rate = gemm_flops(args.batch_size, d, n_features, reps=10, device=device, dtype=dtype, warmups=3)
         speeds, model = [], None
         for _ in range(args.repeats):
             speed, model = timed_run(train, d, n_features, k, args, autocast)
@@ -132,9 +115,7 @@ def side_by_side(d: int, n_features: int, k: int, args: argparse.Namespace, devi
     folder = Path(args.out) / f"data-{d}x{n_features}x{k}"
     rows = steps * args.batch_size
     data = planted_rows(rows + args.heldout, d, max(n_features, 4 * k), k, device).cpu().numpy()
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "train.npy", data[:rows])
-    np.save(folder / "heldout.npy", data[rows:])
+    save_data(folder, data[:rows], data[rows:])
     del data
     run_args = argparse.Namespace(
         steps=steps, warmup_steps=1, batch_size=args.batch_size, n_features=n_features, k=k,
@@ -221,8 +202,8 @@ def main() -> int:
             "repeats": args.repeats}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "side_by_side": peers}, indent=1))
-    (out / "results.md").write_text(markdown(results, meta, peers))
+    atomic_write_json(out / "results.json", {"meta": meta, "results": results, "side_by_side": peers})
+    atomic_write_bytes(out / "results.md", markdown(results, meta, peers).encode())
     print(markdown(results, meta, peers))
     return 0
 

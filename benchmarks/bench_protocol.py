@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -77,6 +78,21 @@ def load_data(folder: Path, steps: int, batch_size: int, device: str = "cpu") ->
         raise SystemExit(f"{folder / TRAIN_FILE} has {train.shape[0]} rows; {steps} steps of {batch_size} need {need}")
     return (torch.from_numpy(np.ascontiguousarray(train[:need], dtype=np.float32)).to(device),
             torch.from_numpy(np.ascontiguousarray(heldout, dtype=np.float32)).to(device))
+
+
+def save_data(folder: Path, train: np.ndarray, heldout: np.ndarray) -> None:
+    """Write TRAIN_FILE and HELDOUT_FILE, each under a temp name renamed into place, so a killed export never
+    leaves a half-written file that load_data would read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in ((TRAIN_FILE, train), (HELDOUT_FILE, heldout)):
+        tmp = folder / f".{name}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
+            os.replace(tmp, folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def batches(train: Tensor, batch_size: int) -> list[Tensor]:

@@ -34,8 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_protocol import save_data
 from step_syncs import synchronize
 
+from activations.storage import atomic_write_json
 from sae import default_lr
 from sae.devices import resolve_device
 from sae.errors import SAEConfigError
@@ -177,10 +179,8 @@ def export_data(args: argparse.Namespace) -> dict[str, Any]:
         if held >= n_train + n_held:
             break
     rows = np.concatenate(chunks)[: n_train + n_held].astype(np.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "train.npy", rows[:n_train])
-    np.save(folder / "heldout.npy", rows[n_train:])
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_data(folder, rows[:n_train], rows[n_train:])
+    atomic_write_json(folder / "meta.json", meta)  # last: its presence marks a finished export
     return meta
 
 
@@ -188,14 +188,17 @@ def export_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def gemm_flops(batch: int, d_in: int, n_features: int, reps: int = 5, device: str = "cpu") -> float:
-    """Median fp32 FLOP/s of [B, d] @ [d, F] into a preallocated output (the encoder's forward GEMM) on `device`
-    (on CUDA each product is timed to its completion)."""
+def gemm_flops(batch: int, d_in: int, n_features: int, reps: int = 5, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, warmups: int = 1) -> float:
+    """Median FLOP/s of [B, d] @ [d, F] in `dtype` into a preallocated output (the encoder's forward GEMM) on
+    `device`, after `warmups` untimed products (on CUDA each product is timed to its completion). make bench,
+    profile_step and bench_gpu all measure their floor with this one function."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(batch, d_in, generator=generator).to(device)
-    w = torch.randn(d_in, n_features, generator=generator).to(device)
-    out = torch.empty(batch, n_features, device=device)
-    torch.matmul(a, w, out=out)
+    a = torch.randn(batch, d_in, generator=generator).to(device=device, dtype=dtype)
+    w = torch.randn(d_in, n_features, generator=generator).to(device=device, dtype=dtype)
+    out = torch.empty(batch, n_features, device=device, dtype=dtype)
+    for _ in range(max(warmups, 1)):
+        torch.matmul(a, w, out=out)
     times = []
     for _ in range(reps):
         synchronize(out.device)
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] repeat {repeat} {framework}/{arch}: {result['tokens_per_s']:,.0f} tokens/s, "
                   f"init {result['init_s']:.1f} s, peak RSS {result['peak_rss_mb']:,.0f} MB, "
                   f"held-out FVU {result['fvu_heldout']:.4f}, L0 {result['l0_heldout']:.1f}", file=sys.stderr)
-            results_path.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a failure
+            atomic_write_json(results_path, results)  # partial results survive a failure
     gemm = statistics.median(results["gemm"]["flops_per_s"])
     floor = gemm / (6 * data["d_in"] * args.n_features)
     one_gemm = gemm / (2 * data["d_in"] * args.n_features)
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                            one_gemm_floor_tokens_per_s=one_gemm,
                            one_gemm_floor_formula="GEMM FLOP/s / (2 d F): the encoder's forward GEMM alone")
     results["summary"] = summarize(results["runs"], args, floor, one_gemm)
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(results_path, results)
     print(f"[bench] wrote {results_path}", file=sys.stderr)
     render(results_path, args.report, args.figure)
     return 0

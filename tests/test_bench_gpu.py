@@ -59,3 +59,38 @@ def test_bench_gpu_rejects_bad_arguments_with_one_clear_error(tmp_path, args, me
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *args], capture_output=True,
                           text=True, cwd=ROOT)
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_save_data_replaces_both_files_whole_and_leaves_the_old_ones_when_a_write_fails(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_protocol
+    import numpy as np
+
+    train, heldout = np.arange(12, dtype=np.float32).reshape(4, 3), np.ones((2, 3), np.float32)
+    bench_protocol.save_data(tmp_path, train, heldout)
+    assert np.array_equal(np.load(tmp_path / "train.npy"), train)
+    assert np.array_equal(np.load(tmp_path / "heldout.npy"), heldout)
+
+    def broken_save(fh, array):
+        fh.write(b"\x93NUMPY half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench_protocol.np, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        bench_protocol.save_data(tmp_path, train * 2, heldout * 2)
+    assert np.array_equal(np.load(tmp_path / "train.npy"), train)  # the earlier export is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout.npy", "train.npy"]  # no temp file left
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_gemm_rate_counts_2bdf_flops_in_the_asked_dtype(bench_gpu, dtype, monkeypatch):
+    import bench_training
+
+    seen = []
+    real = torch.matmul
+    monkeypatch.setattr(bench_training.torch, "matmul", lambda a, w, out: seen.append((a.dtype, out.shape)) or
+                        real(a, w, out=out))
+    clock = iter(range(100))
+    monkeypatch.setattr(bench_training.time, "perf_counter", lambda: float(next(clock)))  # every product: 1 s
+    rate = bench_gpu.gemm_flops(8, 4, 16, reps=3, dtype=dtype, warmups=2)
+    assert rate == 2 * 8 * 4 * 16 and seen == [(dtype, (8, 16))] * 5
