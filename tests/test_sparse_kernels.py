@@ -15,9 +15,11 @@ from sae.config import SAEConfig, TrainConfig
 from sae.registry import TRAINABLE, get_architecture
 from sae.sparse_code import (
     CHUNKED_TOPK_MIN_FEATURES,
+    COLUMN_CHUNK,
     SparseCode,
     Support,
     _chunked_topk,
+    column_topk,
     decode_sparse,
     gather_pre_acts,
     top_entries,
@@ -172,6 +174,79 @@ def test_the_chunk_maxima_top_k_is_chunked_again_when_there_are_at_least_1024_ma
     calls.clear()
     sc._chunked_topk(torch.randn(5, 4096), 16, 8)  # 512 maxima: torch.topk
     assert calls == [(4096, 16, 8)]
+
+
+@pytest.mark.parametrize(("n_rows", "m"), [(4096, 15), (512, 32), (512, 8), (256, 16), (300, 4), (100, 5), (64, 64)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_column_topk_gives_every_columns_m_largest_largest_first(seed, n_rows, m, ties):
+    """As torch.topk(m, dim=0, sorted=True): the same values in the same order, indices that point at them, m
+    distinct rows per column; without ties the same indices. 4096 rows: the chunk maxima (512) are chunked again;
+    512: one level; 256 with m=16: 2*8*m = 256, the boundary; 300, 100, 64: torch.topk itself."""
+    g = torch.Generator().manual_seed(seed)
+    n_cols = 37
+    matrix = (torch.randint(-3, 4, (n_rows, n_cols), generator=g).float() if ties
+              else torch.randn(n_rows, n_cols, generator=g, dtype=torch.float64))
+    values, rows = column_topk(matrix, m)
+    expected = matrix.topk(m, dim=0, sorted=True)
+    assert values.shape == rows.shape == (m, n_cols)
+    assert torch.equal(values, expected.values), f"seed {seed}"
+    assert torch.equal(matrix.gather(0, rows), values)
+    assert all(len(set(col)) == m for col in rows.t().tolist())
+    if not ties:
+        assert torch.equal(rows, expected.indices), f"seed {seed}"
+
+
+def test_column_topk_chunks_tall_contiguous_cpu_matrices_and_leaves_the_rest_to_torch(monkeypatch):
+    import sae.sparse_code as sc
+
+    calls, original = [], sc._column_candidates
+    monkeypatch.setattr(sc, "_column_candidates", lambda a, m: calls.append(tuple(a.shape)) or original(a, m))
+    matrix = torch.randn(4096, 10)
+    column_topk(matrix, 15)
+    assert calls == [(4096, 10), (4096 // COLUMN_CHUNK, 10)]  # 512 maxima chunked again; their 64 maxima are not
+    calls.clear()
+    values, rows = column_topk(matrix.t().contiguous().t(), 15)  # not contiguous: torch.topk
+    column_topk(matrix, 300)  # 2*8*300 > 4096 rows: torch.topk
+    assert calls == [] and torch.equal(values, matrix.topk(15, dim=0).values)
+
+
+def _plain_feature_choice_support(model, pre_acts: torch.Tensor) -> Support:
+    """FC's selection as it was first written: one top-m_max down every column, the first m_i kept."""
+    n_rows, n_features = pre_acts.shape
+    m = model.capacities(n_rows)
+    top = pre_acts.topk(int(m.max()), dim=0, sorted=True).indices
+    ranks, cols = (torch.arange(top.shape[0]).unsqueeze(1) < m.unsqueeze(0)).nonzero(as_tuple=True)
+    return Support.from_pairs(top[ranks, cols], cols, n_rows, n_features)
+
+
+def _entries(support: Support) -> list[int]:
+    return sorted((support.rows * support.n_features + support.cols).tolist())
+
+
+@pytest.mark.parametrize("capacity", ["uniform", "zipf"])
+def test_feature_choice_selects_the_same_entries_as_one_plain_top_m_down_every_column(seed, capacity):
+    """FC's training selection through runs of demand ranks and column_topk equals the plain one (B=512: the
+    chunked path; Zipf: several runs, copied-out columns and the whole-matrix tail; tie-free float64 values, a
+    random demand order)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(arch="feature_choice", d_in=8, n_features=64, k=4, fc_capacity=capacity)
+    model = get_architecture("feature_choice")(cfg, seed=3).double()
+    model.demand_ema.copy_(torch.rand(64, generator=g, dtype=torch.float64))
+    pre_acts = torch.randn(512, 64, generator=g, dtype=torch.float64)
+    runs = model.rank_runs(512)
+    assert (len(runs) == 1) == (capacity == "uniform")
+    support, _ = model.select_train(pre_acts, None)
+    assert support.nnz == 4 * 512 and _entries(support) == _entries(_plain_feature_choice_support(model, pre_acts))
+
+
+def test_rank_runs_cover_every_rank_once_with_their_largest_capacity_and_their_sum():
+    from sae.architectures.feature_choice import rank_runs
+
+    by_rank = [64, 40, 33, 20, 17, 9, 8, 7, 8, 6, 5, 3]  # not monotone, as largest-remainder rounding allows
+    runs = rank_runs(by_rank)  # the tail: m <= ceil(220 / 12) = 19
+    assert [(r0, r1) for r0, r1, _, _ in runs] == [(0, 3), (3, 4), (4, 12)]  # (32, 64], (16, 32], the tail
+    assert [(m, total) for _, _, m, total in runs] == [(64, 137), (20, 20), (17, 63)]
+    assert rank_runs([7] * 5 + [6] * 4) == [(0, 9, 7, 59)]  # uniform: one run
 
 
 def test_support_from_pairs_sorts_rows_into_csr_order():
