@@ -15,6 +15,9 @@
 #   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=32 WITH_GRADS=0 \
 #       CLAIM_RUNS="topk mutual_choice+per_token_standardize" OTHER_RUNS= OUT=runs/long2m \
 #       nohup bash experiments/long_comparison.sh > runs/long2m.log 2>&1 &
+# The same at k=64 (the long CE pass for TopK, MC and MC+pts):
+#   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=64 WITH_GRADS=0 OTHER_RUNS= OUT=runs/long2m64 \
+#       nohup bash experiments/long_comparison.sh > runs/long2m64.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
