@@ -115,12 +115,10 @@ class FeatureChoiceSAE(SAE):
         return self._runs[batch_size]
 
     def select_train(self, pre_acts: Tensor, grads: Tensor | None) -> tuple[Support, dict[str, Tensor | float]]:
-        n_rows, n_features = pre_acts.shape
-        coll, k = self.collectives, self.cfg.k
-        assert k is not None
+        n_rows = pre_acts.shape[0]
         if self.cfg.fc_capacity == "zipf":  # re-ranked from the next step on (observe() folds it in)
             self._pending_demand = self.measure_demand(pre_acts)
-        if coll.world_size > 1:
+        if self.collectives.world_size > 1:
             support = self._select_across_ranks(pre_acts)
         else:
             support = self._select_by_runs(pre_acts)
