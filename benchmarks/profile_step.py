@@ -8,20 +8,33 @@ latents found after --dead-tokens) on Gaussian rows of width --d-in, times --ste
 and reads torch.profiler's per-op self CPU time over those steps. In the same run it times the encoder's forward
 GEMM alone ([B, d] @ [d, F] into a preallocated output, 2*B*d*F FLOPs): the one-GEMM floor, which no exact TopK
 step can beat. Printed: tokens/s, the floor's tokens/s, our fraction of it, and the ops that cost the most.
+
+The profiler's per-op self times are inflated by its own bookkeeping (a profiled step takes up to 1.5x a plain one,
+and memory-bound ops over [F, d] tensors took 5-10x their standalone time under it), so the step is also split into
+phases timed by the wall clock without the profiler (`Phases`: the trainer's collaborators wrapped by timers, the
+step's code untouched): normalise, encoder GEMM, selection, aux loss, decode and loss, backward, decoder-gradient
+projection, gradient norm, Adam, decoder renormalisation, latent counters. Each phase's median is printed with its
+share of the step and against the GEMM alone; the phases' sum is printed beside the step, so the timers' own cost
+shows.
 Run it on a quiet machine (no other heavy job): the fraction is a ratio of times measured minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import torch
 from bench_training import gemm_flops
 from torch.profiler import ProfilerActivity, profile
 
 import sae
+import sae.training.trainer as trainer_module
+from sae.training.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dead-tokens", type=int, default=24_576, help="AuxK's dead-latent window (as make bench)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--top", type=int, default=15, help="ops listed per shape")
+    parser.add_argument("--by-shape", action="store_true",
+                        help="list ops per input shape (torch.profiler record_shapes): which copy_ or mul costs")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a trainer option, e.g. sparse_kernels=false (repeatable)")
     return parser.parse_args(argv)
@@ -57,9 +72,67 @@ def gemm_seconds(batch: int, d_in: int, n_features: int) -> float:
     return 2 * batch * d_in * n_features / gemm_flops(batch, d_in, n_features)
 
 
+class Phases:
+    """Wall-clock seconds per step phase, from timers wrapped around the trainer's collaborators (not the step's own
+    code). Nested phases are subtracted from the phase around them: `encode` (GEMM + gather) excludes `select`,
+    `forward` (decode and loss) excludes `encode` and `aux loss`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = defaultdict(list)
+        self._inner: list[float] = []
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            self._inner.append(0.0)
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - began
+                inner = self._inner.pop()
+                self.seconds[name].append(spent - inner)
+                if self._inner:
+                    self._inner[-1] += spent
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self, trainer: Trainer) -> Iterator[None]:
+        """Wrap the step's collaborators for the duration of the block (instance and module attributes)."""
+        model = trainer.sae
+        patches = [(model, "normalize"), (model, "encode_train_sparse"), (model, "select_train"), (model, "observe"),
+                   (trainer, "losses"), (trainer.optimizer, "step"), (trainer.tracker, "update"),
+                   (trainer_module, "sparse_aux_loss"), (trainer_module, "project_decoder_grads"),
+                   (trainer_module, "clip_in_optimizer"), (trainer_module, "normalize_decoder_rows"),
+                   (torch.Tensor, "backward")]
+        names = {"normalize": "normalise", "encode_train_sparse": "encoder GEMM + gather", "select_train": "selection",
+                 "observe": "counters + thresholds", "losses": "decode + loss", "step": "Adam",
+                 "update": "counters + thresholds", "sparse_aux_loss": "aux loss (forward)",
+                 "project_decoder_grads": "decoder-gradient projection", "clip_in_optimizer": "gradient norm",
+                 "normalize_decoder_rows": "decoder renormalisation", "backward": "backward (all losses)"}
+        saved = [(owner, attr, owner.__dict__.get(attr)) for owner, attr in patches]
+        for owner, attr in patches:
+            setattr(owner, attr, self.wrap(names[attr], getattr(owner, attr)))
+        try:
+            yield
+        finally:
+            for owner, attr, old in saved:
+                if old is None:
+                    delattr(owner, attr)  # it was the class's method: drop the instance attribute
+                else:
+                    setattr(owner, attr, old)
+
+    def report(self, step_s: float, gemm_s: float, steps: int) -> None:
+        per_step = {name: sum(v) / steps for name, v in self.seconds.items()}
+        covered = sum(per_step.values())
+        print(f"{'phase (wall clock, no profiler)':44} {'ms/step':>12} {'share':>6} {'x GEMM':>7}")
+        for name, seconds in sorted(per_step.items(), key=lambda item: -item[1]):
+            print(f"{name:44} {seconds * 1e3:12.1f} {seconds / step_s:6.1%} {seconds / gemm_s:7.2f}")
+        print(f"{'(step outside these phases)':44} {(step_s - covered) * 1e3:12.1f} {1 - covered / step_s:6.1%}")
+
+
 def profile_shape(args: argparse.Namespace, n_features: int, k: int) -> None:
     steps = args.warmup + args.steps
-    total = steps + args.steps  # the profiled steps, then the same count again without the profiler
+    total = steps + 2 * args.steps  # the profiled steps, then as many without the profiler, then with phase timers
     rows = torch.randn(total * args.batch_size, args.d_in, generator=torch.Generator().manual_seed(0))
     marks: list[float] = []
     options = {"shuffle": False, "progress": False, "log_every": 10**9, "dead_tokens": args.dead_tokens,
@@ -74,7 +147,7 @@ def profile_shape(args: argparse.Namespace, n_features: int, k: int) -> None:
         x, grads = next(batches)
         trainer.train_step(step, x, grads)
     gemm = gemm_seconds(args.batch_size, args.d_in, n_features)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for step in range(args.warmup, steps):
             x, grads = next(batches)
             began = time.perf_counter()
@@ -89,6 +162,13 @@ def profile_shape(args: argparse.Namespace, n_features: int, k: int) -> None:
         trainer.train_step(step, x, grads)
         again.append(time.perf_counter() - began)
     plain = statistics.median(again)
+    phases, phased = Phases(), []
+    with phases.installed(trainer):
+        for step in range(steps + args.steps, steps + 2 * args.steps):
+            x, grads = next(batches)
+            began = time.perf_counter()
+            trainer.train_step(step, x, grads)
+            phased.append(time.perf_counter() - began)
     gemm_after = gemm_seconds(args.batch_size, args.d_in, n_features)
     gemm = min(gemm, gemm_after)
     flops = 2 * args.batch_size * args.d_in * n_features
@@ -96,12 +176,17 @@ def profile_shape(args: argparse.Namespace, n_features: int, k: int) -> None:
     print(f"step {plain * 1e3:.1f} ms ({args.batch_size / plain:,.0f} tok/s; profiled {step_s * 1e3:.1f} ms); "
           f"encoder GEMM alone {gemm * 1e3:.1f} ms ({flops / gemm / 1e9:.0f} GFLOP/s, floor "
           f"{args.batch_size / gemm:,.0f} tok/s): {gemm / plain:.0%} of the one-GEMM floor")
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    print(f"{'op':44} {'self ms/step':>12} {'share':>6} {'calls/step':>10}")
-    for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.top]:
+    events = prof.key_averages(group_by_input_shape=args.by_shape)
+    total = sum(e.self_cpu_time_total for e in events)
+    header = f"{'op':44} {'self ms/step':>12} {'share':>6} {'calls/step':>10}"
+    print(header + ("  input shapes" if args.by_shape else ""))
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
         per_step = event.self_cpu_time_total / 1e3 / args.steps
+        shapes = f"  {event.input_shapes}" if args.by_shape else ""
         print(f"{event.key[:44]:44} {per_step:12.2f} {event.self_cpu_time_total / total:6.1%} "
-              f"{event.count / args.steps:10.1f}")
+              f"{event.count / args.steps:10.1f}{shapes}")
+    print()
+    phases.report(sum(phased) / len(phased), gemm, args.steps)
 
 
 def main(argv: list[str] | None = None) -> int:
