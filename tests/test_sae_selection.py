@@ -1,9 +1,11 @@
 """Selection-rule invariants of every architecture (docs/ALGORITHMS.md §1-§5, §11)."""
 
+import re
+
 import pytest
 import torch
 
-from sae.architectures.feature_choice import largest_remainder
+from sae.architectures.feature_choice import FeatureChoiceSAE, largest_remainder
 from sae.base import update_threshold_ema
 from sae.config import SAEConfig
 from sae.errors import SAEConfigError, SAEDataError
@@ -176,9 +178,18 @@ def test_feature_choice_rejects_batches_below_one_token_per_feature():
     zipf = make("feature_choice", fc_capacity="zipf")
     with pytest.raises(SAEConfigError, match="minimum batch size") as info:
         zipf.check_batch_size(16)
-    minimum = int(str(info.value).rstrip(".").split()[-1])
+    minimum = int(re.search(r"fc_capacity='zipf' is (\d+)\.", str(info.value)).group(1))
+    assert "fc_capacity='uniform' (minimum 16)" in str(info.value)  # the way out is named with its own minimum
     zipf.check_batch_size(minimum)
     assert int(zipf.capacities(minimum).min()) >= 1
+    with pytest.raises(SAEConfigError, match="minimum batch size"):
+        zipf.check_batch_size(minimum - 1)
+    # the Zipf minimum grows as F ln F / k: at F=16384, k=32 a batch of 4096 is too small (uniform needs 512)
+    wide = FeatureChoiceSAE(SAEConfig(arch="feature_choice", d_in=8, n_features=16384, k=32, fc_capacity="zipf"))
+    assert wide.minimum_batch_size() == 5265
+    hint = r"is 5265\. Raise batch_size, or use fc_capacity='uniform' \(minimum 512\)"
+    with pytest.raises(SAEConfigError, match=hint):
+        wide.check_batch_size(4096)
 
 
 def test_feature_choice_inference_uses_per_feature_thresholds():

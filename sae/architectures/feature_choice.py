@@ -67,11 +67,17 @@ class FeatureChoiceSAE(SAE):
     def check_batch_size(self, batch_size: int) -> None:
         minimum = self.minimum_batch_size()
         if batch_size < minimum:
+            hint = ""
+            if self.cfg.fc_capacity == "zipf":  # the rarest rank gets 1/(F*H_F) of k*B: the minimum grows ~F ln F / k
+                assert self.cfg.k is not None
+                uniform = -(-self.cfg.n_features // self.cfg.k)
+                hint = (f" Raise batch_size, or use fc_capacity='uniform' (minimum {uniform}) or a flatter Zipf law "
+                        "(fc_zipf_s < 1 or fc_zipf_r0 > 0).")
             raise SAEConfigError(
                 f"Feature-Choice needs every latent to take at least one token per batch (m_i >= 1); "
                 f"batch_size={batch_size} is too small: the minimum batch size for "
                 f"n_features={self.cfg.n_features}, k={self.cfg.k}, fc_capacity={self.cfg.fc_capacity!r} "
-                f"is {minimum}."
+                f"is {minimum}.{hint}"
             )
 
     def capacities(self, batch_size: int) -> Tensor:
