@@ -1,7 +1,5 @@
 """Selection-rule invariants of every architecture (docs/ALGORITHMS.md §1-§5, §11)."""
 
-import re
-
 import pytest
 import torch
 
@@ -171,25 +169,55 @@ def test_largest_remainder_caps_and_rounds():
 
 
 def test_feature_choice_rejects_batches_below_one_token_per_feature():
-    sae = make("feature_choice")
-    with pytest.raises(SAEConfigError, match=r"minimum batch size .* is 16"):
-        sae.check_batch_size(15)  # F/k = 128/8 = 16
-    sae.check_batch_size(16)
-    zipf = make("feature_choice", fc_capacity="zipf")
-    with pytest.raises(SAEConfigError, match="minimum batch size") as info:
-        zipf.check_batch_size(16)
-    minimum = int(re.search(r"fc_capacity='zipf' is (\d+)\.", str(info.value)).group(1))
-    assert "fc_capacity='uniform' (minimum 16)" in str(info.value)  # the way out is named with its own minimum
-    zipf.check_batch_size(minimum)
-    assert int(zipf.capacities(minimum).min()) >= 1
-    with pytest.raises(SAEConfigError, match="minimum batch size"):
-        zipf.check_batch_size(minimum - 1)
-    # the Zipf minimum grows as F ln F / k: at F=16384, k=32 a batch of 4096 is too small (uniform needs 512)
+    for capacity in ("uniform", "zipf"):  # Zipf capacities are floored at one token: the same minimum F/k
+        sae = make("feature_choice", fc_capacity=capacity)
+        with pytest.raises(SAEConfigError, match=r"minimum batch size for n_features=128, k=8 is 16 \(F/k"):
+            sae.check_batch_size(15)  # F/k = 128/8 = 16
+        sae.check_batch_size(16)
+        assert int(sae.capacities(16).min()) == 1 and int(sae.capacities(16).sum()) == K * 16
+
+
+def test_zipf_capacities_are_floored_at_one_token_where_the_law_would_give_less():
+    # F=16384, k=32, B=4096: the Zipf(1) tail's share of k*B is below one token from rank ~12,750 on; before the
+    # floor this batch was refused (a minimum of 5,265 rows)
     wide = FeatureChoiceSAE(SAEConfig(arch="feature_choice", d_in=8, n_features=16384, k=32, fc_capacity="zipf"))
-    assert wide.minimum_batch_size() == 5265
-    hint = r"is 5265\. Raise batch_size, or use fc_capacity='uniform' \(minimum 512\)"
-    with pytest.raises(SAEConfigError, match=hint):
-        wide.check_batch_size(4096)
+    B = 4096
+    wide.check_batch_size(B)
+    m = wide.capacities_by_rank(B)[0].cpu()
+    assert int(m.sum()) == 32 * B and int(m.min()) == 1 and int(m.max()) <= B
+    assert (m[:-1] >= m[1:]).all()  # by demand rank: non-increasing
+    # above the floor the law holds: each m_r within one token of the float64 reference clip(lam / r, 1, B)
+    real = clipped_reference(1 / torch.arange(1, 16385, dtype=torch.float64), 32 * B, 1, B)
+    assert ((m.double() - real).abs() < 1.0).all()
+    assert int((real == 1).sum()) > 2000 and int((real == B).sum()) >= 1  # a floored tail and a capped head
+
+
+def clipped_reference(shares: torch.Tensor, total: int, floor: int, cap: int) -> torch.Tensor:
+    """clip(lam * shares, floor, cap) summing to total, lam by 2,000 bisection steps in float64."""
+    low, high = 0.0, 1e12
+    for _ in range(2000):
+        mid = (low + high) / 2
+        low, high = (mid, high) if float((mid * shares).clamp(floor, cap).sum()) < total else (low, mid)
+    return (high * shares).clamp(floor, cap)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_largest_remainder_with_a_floor_against_a_float64_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    shares = torch.rand(300, generator=g, dtype=torch.float64) ** 4  # many tiny shares: the floor binds
+    shares /= shares.sum()
+    total, cap, floor = 2000, 20, 2
+    m = largest_remainder(shares, total, cap=cap, floor=floor)
+    assert int(m.sum()) == total and int(m.min()) >= floor and int(m.max()) <= cap
+    real = clipped_reference(shares, total, floor, cap)
+    assert float(real.sum()) == pytest.approx(total, abs=1e-6)
+    assert ((m.double() - real).abs() < 1.0).all()  # rounding moves each amount by less than one
+    assert int((real == floor).sum()) > 0 and int((real == cap).sum()) > 0  # both bounds were exercised
+    # with no amount below the floor the floor changes nothing: the cap-only result, bit for bit
+    flat = torch.full((300,), 1 / 300, dtype=torch.float64) + shares / 10
+    assert torch.equal(largest_remainder(flat, total, cap=cap, floor=floor), largest_remainder(flat, total, cap=cap))
+    with pytest.raises(SAEConfigError, match="at least 2 and at most 20"):
+        largest_remainder(shares, 599, cap=cap, floor=floor)  # below 300 latents x 2
 
 
 def test_feature_choice_inference_uses_per_feature_thresholds():

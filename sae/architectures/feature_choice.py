@@ -1,9 +1,9 @@
 """Feature-Choice SAE (Ayonrinde 2024), docs/ALGORITHMS.md §3: each latent picks its m_i best tokens.
 
 S[b, i] = 1 iff A[b, i] is among the m_i largest of column i, with sum_i m_i = k*B (the TopK
-budget). Capacities are uniform (m = k*B/F) or Zipf, m_i ~ (r_i + r0)^-s by *demand* rank r_i,
-rounded by largest remainder; which of these is the paper's default is unconfirmed (our choice:
-uniform). Demand is an EMA of how often a latent is among a token's top-k pre-activations (what
+budget). Capacities are uniform (m = k*B/F) or Zipf, m_i ~ (r_i + r0)^-s by *demand* rank r_i, between one
+token and B (our floor), rounded by largest remainder; which of these is the paper's default is unconfirmed (our
+choice: uniform). Demand is an EMA of how often a latent is among a token's top-k pre-activations (what
 TopK would pick): a latent's own FC density is exactly the capacity it was given, so ranking by
 density would freeze the first order forever (our choice, docs/ALGORITHMS.md §3). Inference: per-feature
 JumpReLU thresholds, EMA of each column's smallest selected positive value during training,
@@ -58,26 +58,18 @@ class FeatureChoiceSAE(SAE):
         return weights / weights.sum()
 
     def minimum_batch_size(self) -> int:
-        """Smallest B giving every latent m_i >= 1: ceil(F/k) for uniform capacities."""
+        """Smallest B giving every latent m_i >= 1, ceil(F/k), for both capacity rules: Zipf capacities are floored
+        at one token per batch, so their tail never needs a larger batch (§3)."""
         assert self.cfg.k is not None
-        if self.cfg.fc_capacity == "uniform":
-            return -(-self.cfg.n_features // self.cfg.k)
-        return math.ceil(1 / (float(self.capacity_shares().min()) * self.cfg.k) - 1e-9)
+        return -(-self.cfg.n_features // self.cfg.k)
 
     def check_batch_size(self, batch_size: int) -> None:
         minimum = self.minimum_batch_size()
         if batch_size < minimum:
-            hint = ""
-            if self.cfg.fc_capacity == "zipf":  # the rarest rank gets 1/(F*H_F) of k*B: the minimum grows ~F ln F / k
-                assert self.cfg.k is not None
-                uniform = -(-self.cfg.n_features // self.cfg.k)
-                hint = (f" Raise batch_size, or use fc_capacity='uniform' (minimum {uniform}) or a flatter Zipf law "
-                        "(fc_zipf_s < 1 or fc_zipf_r0 > 0).")
             raise SAEConfigError(
                 f"Feature-Choice needs every latent to take at least one token per batch (m_i >= 1); "
                 f"batch_size={batch_size} is too small: the minimum batch size for "
-                f"n_features={self.cfg.n_features}, k={self.cfg.k}, fc_capacity={self.cfg.fc_capacity!r} "
-                f"is {minimum}.{hint}"
+                f"n_features={self.cfg.n_features}, k={self.cfg.k} is {minimum} (F/k, rounded up)."
             )
 
     def capacities(self, batch_size: int) -> Tensor:
@@ -96,7 +88,9 @@ class FeatureChoiceSAE(SAE):
             if self.cfg.fc_capacity == "uniform":  # exact integers: k*B // F each, remainder to the top ranks
                 by_rank = total // F + (torch.arange(F) < total % F).to(torch.int64)
             else:
-                by_rank = largest_remainder(self.capacity_shares(), total, cap=batch_size)
+                # Zipf's tail would get less than one token per batch below B = F*H_F/k (5,265 at F=16384, k=32):
+                # floored at one (our choice), the law holds above the floor and every latent keeps a column
+                by_rank = largest_remainder(self.capacity_shares(), total, cap=batch_size, floor=1)
             self._by_rank[key] = (by_rank.to(self.demand_ema.device), int(by_rank.max()))
             self._runs[batch_size] = rank_runs(by_rank.tolist())
         return self._by_rank[key]
@@ -223,14 +217,17 @@ def rank_runs(by_rank: list[int]) -> list[tuple[int, int, int, int]]:
     return [(r0, r1, max(by_rank[r0:r1]), sum(by_rank[r0:r1])) for r0, r1, _ in runs]
 
 
-def largest_remainder(shares: Tensor, total: int, cap: int) -> Tensor:
-    """Integers proportional to `shares`, each <= cap, summing to `total` (Hamilton's method).
+def largest_remainder(shares: Tensor, total: int, cap: int, floor: int = 0) -> Tensor:
+    """Integers proportional to `shares`, each in [floor, cap], summing to `total` (Hamilton's method).
 
-    Shares over the cap are clipped and the surplus is spread over the rest (water-filling)
-    before rounding; ties in the remainders go to the earlier (denser) rank.
+    Shares over the cap are clipped and the surplus is spread over the rest (water-filling) before rounding; ties in
+    the remainders go to the earlier (denser) rank. Where that leaves some below `floor`, the real-valued amounts
+    become clip(lam * shares, floor, cap) with lam solved so that they sum to `total` (`_clipped_amounts`); where
+    no amount is below the floor, the result is exactly that of the cap alone.
     """
-    if total > cap * shares.numel():
-        raise SAEConfigError(f"cannot place {total} selections in {shares.numel()} latents of capacity {cap}.")
+    n = shares.numel()
+    if total > cap * n or total < floor * n:
+        raise SAEConfigError(f"cannot place {total} selections in {n} latents of at least {floor} and at most {cap}.")
     capped = torch.zeros_like(shares, dtype=torch.bool)
     while True:
         free_total = total - cap * int(capped.sum())
@@ -239,8 +236,28 @@ def largest_remainder(shares: Tensor, total: int, cap: int) -> Tensor:
         if not over.any():
             break
         capped |= over
-    floor = real.floor()
-    missing = total - int(floor.sum())
-    order = torch.sort(-(real - floor), stable=True).indices
-    floor[order[:missing]] += 1
-    return floor.to(torch.int64)
+    if bool((real < floor).any()):
+        real = _clipped_amounts(shares, total, floor, cap)
+    whole = real.floor()
+    missing = total - int(whole.sum())
+    order = torch.sort(-(real - whole), stable=True).indices
+    whole[order[:missing]] += 1
+    return whole.to(torch.int64)
+
+
+def _clipped_amounts(shares: Tensor, total: int, floor: int, cap: int) -> Tensor:
+    """clip(lam * shares, floor, cap) summing to `total` (float64): the sum grows with lam, so bisection finds
+    which latents sit at the floor, at the cap or between, and lam then follows exactly from those sets."""
+    shares = shares.double()
+    low, high = 0.0, float(cap) / float(shares[shares > 0].min())  # at `high` every latent is at the cap
+    for _ in range(200):
+        lam = (low + high) / 2
+        if float((lam * shares).clamp(floor, cap).sum()) < total:
+            low = lam
+        else:
+            high = lam
+    at_floor, at_cap = high * shares <= floor, high * shares >= cap
+    between = ~at_floor & ~at_cap
+    rest = total - floor * int(at_floor.sum()) - cap * int(at_cap.sum())
+    lam = rest / float(shares[between].sum()) if bool(between.any()) else high
+    return (lam * shares).clamp(floor, cap)
