@@ -74,8 +74,8 @@ class SAEConfig:
     "MC/FC: EMA factor of the inference threshold(s), theta <- beta*theta + (1-beta)*min selected."
     threshold_start_step: int = _option("sae", 1000)
     "MC/FC: first step that updates the threshold; clipped to 10% of the run's steps (our choice)."
-    fc_capacity: str = _option("sae", "uniform")
-    "Feature-Choice capacities: uniform (m = k*B/F) or zipf (m_i ~ (rank_i + r0)^-s); uniform is our choice."
+    fc_capacity: str = _option("sae", "zipf")
+    "Feature-Choice capacities: zipf (m_i ~ (demand rank + r0)^-s, >= 1; our choice, see README) or uniform (k*B/F)."
     fc_zipf_s: float = _option("sae", 1.0)
     "FC zipf capacities: exponent s (our default; fit it to a trained TopK/MC density curve)."
     fc_zipf_r0: float = _option("sae", 0.0)

@@ -881,6 +881,22 @@ def test_a_finished_run_is_reused_whatever_device_trained_it(caches, tmp_path, m
     assert not compare_runs._finished(in_bf16[0][1])  # autocast changes the numbers: not the same run
 
 
+def test_a_run_from_before_a_default_changed_is_reused_when_the_plan_names_the_value_it_got(caches, tmp_path,
+                                                                                            monkeypatch):
+    """The comparison's feature_choice label now names fc_capacity=uniform (zipf became the default); a finished run
+    whose options left it to the default is the same run when cfg.json records the value the plan now names."""
+    cfg = run_cfg(caches, tmp_path, arch="feature_choice", total_tokens=512, options={})
+    compare_runs.run_comparison([("feature_choice", cfg)], None, 0)
+    got = json.loads((Path(cfg.out) / "cfg.json").read_text())["workbench"]["config"]["fc_capacity"]
+    assert got == "zipf"  # today's default
+    assert compare_runs._finished(dataclasses.replace(cfg, options={"fc_capacity": "zipf"}))
+    assert not compare_runs._finished(dataclasses.replace(cfg, options={"fc_capacity": "uniform"}))
+    assert not compare_runs._finished(dataclasses.replace(cfg, options={"fc_zipf_s": 2.0}))
+    monkeypatch.setattr(compare_runs, "train_run", lambda *a, **k: pytest.fail("a finished run must be reused"))
+    named = [("feature_choice+zipf", dataclasses.replace(cfg, options={"fc_capacity": "zipf"}))]
+    assert compare_runs.run_comparison(named, None, 0)[0]["run"] == "feature_choice+zipf"
+
+
 def test_ce_scored_before_ce_contexts_was_recorded_counts_by_its_scored_positions(caches, tmp_path):
     """Bug fixed: runs scored before eval.json recorded ce_contexts were rescored, because their token count was
     read as 127 per context; contexts holding several documents score fewer (a BOS target is no prediction)."""

@@ -100,7 +100,7 @@ def test_update_threshold_ema_only_touches_valid_entries():
 
 @pytest.mark.parametrize("batch_size", [256, 300])
 def test_feature_choice_uniform_column_counts_match_capacities(batch_size):
-    sae = make("feature_choice")
+    sae = make("feature_choice", fc_capacity="uniform")
     x_n, _, _ = sae.normalize(batch(batch_size))
     _, selection = sae.encode_train(x_n)
     m = sae.capacities(batch_size)
@@ -166,6 +166,12 @@ def test_largest_remainder_caps_and_rounds():
     assert largest_remainder(shares, 10, cap=10).tolist() == [5, 3, 2]
     # 0.5*10 = 5 > cap 4: clip to 4, spread 6 over 0.3:0.2 -> 3.6, 2.4 -> floors 3, 2 + one to 3.6
     assert largest_remainder(shares, 10, cap=4).tolist() == [4, 4, 2]
+
+
+def test_feature_choice_capacities_default_to_zipf():
+    assert SAEConfig(arch="feature_choice", d_in=8, n_features=128, k=8).fc_capacity == "zipf"
+    m = make("feature_choice").capacities(256)
+    assert int(m.max()) > int(m.min())  # not uniform
 
 
 def test_feature_choice_rejects_batches_below_one_token_per_feature():

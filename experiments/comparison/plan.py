@@ -14,7 +14,7 @@ from sae.errors import SAEConfigError
 RUN_SPECS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (  # label, arch, options, on the gradient cache
     ("topk", "topk", {}, False),
     ("mutual_choice", "mutual_choice", {}, False),
-    ("feature_choice", "feature_choice", {}, False),
+    ("feature_choice", "feature_choice", {"fc_capacity": "uniform"}, False),  # the paper's plain rule, named
     ("feature_choice+zipf", "feature_choice", {"fc_capacity": "zipf"}, False),
     # aux_zipf targets under-used latents as well as dead ones (Ayonrinde 2024): compare it with AuxK on MC.
     ("mutual_choice+aux_zipf", "mutual_choice", {"aux_loss": "aux_zipf"}, False),

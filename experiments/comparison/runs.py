@@ -116,6 +116,12 @@ def _finished(cfg: RunConfig) -> bool:
     for record in (before, now):
         record.pop("progress", None)
         record["options"] = {k: v for k, v in (record.get("options") or {}).items() if k not in run_only}
+    # An SAE option now named that the run left to its default is no difference if the default it got (recorded in
+    # cfg.json) is the value named: runs from before a default changed stay reusable once the plan names that value.
+    used = json.loads((out / "cfg.json").read_text()).get("workbench", {}).get("config", {})
+    for key in set(now["options"]) - set(before["options"]):
+        if key in used and used[key] == now["options"][key]:
+            before["options"][key] = used[key]
     return before == now
 
 

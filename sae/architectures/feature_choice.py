@@ -3,10 +3,10 @@
 S[b, i] = 1 iff A[b, i] is among the m_i largest of column i, with sum_i m_i = k*B (the TopK
 budget). Capacities are uniform (m = k*B/F) or Zipf, m_i ~ (r_i + r0)^-s by *demand* rank r_i, between one
 token and B (our floor), rounded by largest remainder; which of these is the paper's default is unconfirmed (our
-choice: uniform). Demand is an EMA of how often a latent is among a token's top-k pre-activations (what
-TopK would pick): a latent's own FC density is exactly the capacity it was given, so ranking by
-density would freeze the first order forever (our choice, docs/ALGORITHMS.md §3). Inference: per-feature
-JumpReLU thresholds, EMA of each column's smallest selected positive value during training,
+choice: Zipf, which fit better at every k of the README's long comparison). Demand is an EMA of how often a latent
+is among a token's top-k pre-activations (what TopK would pick): a latent's own FC density is exactly the capacity
+it was given, so ranking by density would freeze the first order forever (our choice, docs/ALGORITHMS.md §3).
+Inference: per-feature JumpReLU thresholds, EMA of each column's smallest selected positive value during training,
 calibrated on held-out rows afterwards (sae/calibration.py; our design, as for Mutual-Choice).
 """
 
