@@ -99,19 +99,18 @@ class Phases:
     def installed(self, trainer: Trainer) -> Iterator[None]:
         """Wrap the step's collaborators for the duration of the block (instance and module attributes)."""
         model = trainer.sae
-        patches = [(model, "normalize"), (model, "encode_train_sparse"), (model, "select_train"), (model, "observe"),
-                   (trainer, "losses"), (trainer.optimizer, "step"), (trainer.tracker, "update"),
-                   (trainer_module, "sparse_aux_loss"), (trainer_module, "project_decoder_grads"),
-                   (trainer_module, "clip_in_optimizer"), (trainer_module, "normalize_decoder_rows"),
-                   (torch.Tensor, "backward")]
-        names = {"normalize": "normalise", "encode_train_sparse": "encoder GEMM + gather", "select_train": "selection",
-                 "observe": "counters + thresholds", "losses": "decode + loss", "step": "Adam",
-                 "update": "counters + thresholds", "sparse_aux_loss": "aux loss (forward)",
-                 "project_decoder_grads": "decoder-gradient projection", "clip_in_optimizer": "gradient norm",
-                 "normalize_decoder_rows": "decoder renormalisation", "backward": "backward (all losses)"}
-        saved = [(owner, attr, owner.__dict__.get(attr)) for owner, attr in patches]
-        for owner, attr in patches:
-            setattr(owner, attr, self.wrap(names[attr], getattr(owner, attr)))
+        patches = [(model, "normalize", "normalise"), (model, "encode_train_sparse", "encoder GEMM + gather"),
+                   (model, "select_train", "selection"), (model, "observe", "counters + thresholds"),
+                   (trainer, "losses", "decode + loss"), (trainer.optimizer, "step", "Adam"),
+                   (trainer.tracker, "update", "counters + thresholds"),
+                   (trainer_module, "sparse_aux_loss", "aux loss (forward)"),
+                   (trainer_module, "project_decoder_grads", "decoder-gradient projection"),
+                   (trainer_module, "clip_in_optimizer", "gradient norm"),
+                   (trainer_module, "normalize_decoder_rows", "decoder renormalisation"),
+                   (torch.Tensor, "backward", "backward (all losses)")]
+        saved = [(owner, attr, owner.__dict__.get(attr)) for owner, attr, _ in patches]
+        for owner, attr, name in patches:
+            setattr(owner, attr, self.wrap(name, getattr(owner, attr)))
         try:
             yield
         finally:
