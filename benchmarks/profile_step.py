@@ -13,9 +13,9 @@ The profiler's per-op self times are inflated by its own bookkeeping (a profiled
 and memory-bound ops over [F, d] tensors took 5-10x their standalone time under it), so the step is also split into
 phases timed by the wall clock without the profiler (`Phases`: the trainer's collaborators wrapped by timers, the
 step's code untouched): normalise, encoder GEMM, selection, aux loss, decode and loss, backward, decoder-gradient
-projection, gradient norm, Adam, decoder renormalisation, latent counters. Each phase's median is printed with its
-share of the step and against the GEMM alone; the phases' sum is printed beside the step, so the timers' own cost
-shows.
+projection, gradient norm, Adam, decoder renormalisation, latent counters. Each phase's mean per step is printed with
+its share of the step and against the GEMM alone, and the step's time outside every phase last (the loop's own code
+and the timers' cost).
 Run it on a quiet machine (no other heavy job): the fraction is a ratio of times measured minutes apart.
 """
 
@@ -74,8 +74,8 @@ def gemm_seconds(batch: int, d_in: int, n_features: int) -> float:
 
 class Phases:
     """Wall-clock seconds per step phase, from timers wrapped around the trainer's collaborators (not the step's own
-    code). Nested phases are subtracted from the phase around them: `encode` (GEMM + gather) excludes `select`,
-    `forward` (decode and loss) excludes `encode` and `aux loss`."""
+    code). A nested phase's time is subtracted from the phase around it: "encoder GEMM + gather" excludes
+    "selection", and "decode + loss" excludes both and "aux loss (forward)"."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = defaultdict(list)
