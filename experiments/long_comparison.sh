@@ -15,8 +15,8 @@
 #   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=32 WITH_GRADS=0 \
 #       CLAIM_RUNS="topk mutual_choice+per_token_standardize" OTHER_RUNS= OUT=runs/long2m \
 #       nohup bash experiments/long_comparison.sh > runs/long2m.log 2>&1 &
-# The same at k=64 (the long CE pass for TopK, MC and MC+pts):
-#   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=64 WITH_GRADS=0 OTHER_RUNS= OUT=runs/long2m64 \
+# The same at k=64 with every run type in the long CE pass (the README's run, 2026-12-07):
+#   CORPUS=default-large CACHE_TOKENS=2200000 TOKENS=2097152 KS=64 WITH_GRADS=0 OUT=runs/long2m64 \
 #       nohup bash experiments/long_comparison.sh > runs/long2m64.log 2>&1 &
 # The same at k=16 with every run type in the long CE pass (OTHER_RUNS left at its default does the third pass; the
 # README's run did it as a second invocation with CLAIM_RUNS="feature_choice feature_choice+zipf mutual_choice+aux_zipf"):
