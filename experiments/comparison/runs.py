@@ -21,6 +21,7 @@ from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_
 from experiments.training import RunConfig, finish_run, json_safe, train_run
 from sae.config import fields_with_role
 from sae.errors import SAEConfigError
+from sae.io import read_cfg
 
 
 def select_learning_rates(
@@ -118,7 +119,7 @@ def _finished(cfg: RunConfig) -> bool:
         record["options"] = {k: v for k, v in (record.get("options") or {}).items() if k not in run_only}
     # An SAE option now named that the run left to its default is no difference if the default it got (recorded in
     # cfg.json) is the value named: runs from before a default changed stay reusable once the plan names that value.
-    used = json.loads((out / "cfg.json").read_text()).get("workbench", {}).get("config", {})
+    used = read_cfg(out).get("workbench", {}).get("config", {})
     for key in set(now["options"]) - set(before["options"]):
         if key in used and used[key] == now["options"][key]:
             before["options"][key] = used[key]
