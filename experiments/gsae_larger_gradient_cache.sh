@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # g-SAE at a >=200k-row gradient cache: eval-grads 800 contexts (CE/KL on ~101.6k tokens), grads 1600 contexts.
+# Resumable: finished caches and runs are reused (rerun the same command after an interruption).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -19,9 +20,7 @@ compare() {
         --lr-multipliers 0.5 1 2 --lr-select-tokens 131072 --eval-tokens 65536 --validation-rows 32768 \
         --out $OUT/compare "$@"
 }
-compare --k 32 --ce-tokens 102400
-date
-compare --k 32 16 64 --ce-tokens 4096
-date
-compare --k 32 16 64 --ce-tokens 4096 --report-only
+# Every k on the same ~101.6k held-out tokens (2026-12-07). The 2026-12-02 run scored k = 32 on these and k = 16, 64
+# on 4,096 only; CE_TOKENS=4096 gives that short pass back.
+compare --k 32 16 64 --ce-tokens "${CE_TOKENS:-102400}"
 date
