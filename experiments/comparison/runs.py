@@ -21,7 +21,7 @@ from experiments.evaluation import GRADIENT_RULE, PLAIN_TOPK_RULE, merge_in_the_
 from experiments.training import RunConfig, finish_run, json_safe, train_run
 from sae.config import fields_with_role
 from sae.errors import SAEConfigError
-from sae.io import read_cfg
+from sae.io import CFG_FILENAME, read_cfg
 
 
 def select_learning_rates(
@@ -110,7 +110,7 @@ def _finished(cfg: RunConfig) -> bool:
     run-only for a resume but change the numbers, so they count here."""
     out = Path(cfg.out)
     saved = out / "run_config.json"
-    if not ((out / "eval.json").exists() and (out / "cfg.json").exists() and saved.exists()):
+    if not ((out / "eval.json").exists() and (out / CFG_FILENAME).exists() and saved.exists()):
         return False
     before, now = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
     run_only = fields_with_role("run_only") - {"autocast", "sparse_kernels"}
